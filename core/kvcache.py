@@ -1,0 +1,67 @@
+"""The compressed KV cache: per layer and KV head, the kept keys, values and their original positions."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerKV:
+    keys: Tensor  # [kv_heads, n, head_dim], RoPE already applied
+    values: Tensor  # [kv_heads, n, head_dim]
+    positions: Tensor  # [kv_heads, n] int64, original token positions, increasing per head
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def select(self, index: Tensor) -> "LayerKV":
+        """Keep, per KV head, the tokens at `index` ([kv_heads, m], sorted) of this layer."""
+        gather = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+        return LayerKV(self.keys.gather(1, gather), self.values.gather(1, gather), self.positions.gather(1, index))
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerKV":
+        """This layer followed by new tokens: keys/values [kv_heads, m, head_dim], positions [m]."""
+        heads = self.keys.shape[0]
+        return LayerKV(
+            torch.cat([self.keys, keys], dim=1),
+            torch.cat([self.values, values], dim=1),
+            torch.cat([self.positions, positions.expand(heads, -1)], dim=1),
+        )
+
+
+@dataclass
+class KVCache:
+    """One LayerKV per decoder layer plus the true number of tokens consumed.
+
+    `seq_len` is the position the next token gets: the context length, whatever the cache holds.
+    """
+
+    layers: list[LayerKV] = field(default_factory=list)
+    seq_len: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def kept_tokens_per_layer(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def clone(self) -> "KVCache":
+        """An independent copy, so one question's tokens never reach another's cache."""
+        return KVCache(
+            [LayerKV(*(t.clone() for t in (l.keys, l.values, l.positions))) for l in self.layers], self.seq_len
+        )
+
+
+def full_kv_bytes(config, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes an uncompressed cache of `seq_len` tokens takes for this model config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * seq_len * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,124 @@
+"""The layer loop over a Hugging Face decoder's own modules: prefill the context, extend it, decode."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.kvcache import KVCache, LayerKV
+from core.models import check_supported
+from core.progress import Progress, no_progress
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [heads, n, head_dim]; cos/sin: [n, head_dim]
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class Prefill:
+    cache: KVCache
+    logits: Tensor  # [vocab] float32, the next-token logits after the last context token
+
+
+class Runner:
+    """Runs a loaded llama/mistral/qwen2/qwen3 model layer by layer, batch size 1.
+
+    The model's own modules do the math (projections, norms, rotary embedding, MLP); the runner
+    owns the loop so it can choose which tokens each layer sees and what enters the cache.
+    """
+
+    def __init__(self, model):
+        check_supported(model.config)
+        self.model = model
+        self.decoder = model.model
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.decoder.rotary_emb(h, positions.unsqueeze(0))
+        return cos[0], sin[0]  # [n, head_dim]
+
+    def qkv(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections of normed hidden states x [n, hidden] -> q [heads, n, d], k/v [kv_heads, n, d]."""
+        attn, n = layer.self_attn, x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)
+        k = attn.k_proj(x).view(n, -1, self.head_dim)
+        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden]."""
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=layer.self_attn.scaling,
+            enable_gqa=True,
+        )  # [1, heads, n, d]
+        return layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(q.shape[1], -1))
+
+    def mlp(self, layer, h: Tensor) -> Tensor:
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def logits(self, h_last: Tensor) -> Tensor:
+        return self.model.lm_head(self.decoder.norm(h_last)).float()
+
+    @torch.inference_mode()
+    def prefill(self, ids: Tensor, progress: Progress = no_progress) -> Prefill:
+        """Run the context ids [L] through every layer; cache each layer's K/V."""
+        positions = torch.arange(ids.shape[0], device=ids.device)
+        h = self.decoder.embed_tokens(ids)  # [L, hidden]
+        cos, sin = self.rope(h, positions)
+        cache = KVCache(seq_len=ids.shape[0])
+        for i, layer in enumerate(self.decoder.layers):
+            q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
+            h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
+            cache.layers.append(LayerKV(k, v, positions.expand(self.num_kv_heads, -1)))
+            progress("prefill", i + 1, self.num_layers)
+        return Prefill(cache, self.logits(h[-1]))
+
+    @torch.inference_mode()
+    def extend(self, cache: KVCache, ids: Tensor) -> Tensor:
+        """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
+
+        New tokens attend to every cached key and causally to each other. SDPA's `is_causal`
+        aligns the triangle top-left when queries and keys differ in length, so the mask is explicit.
+        """
+        n = ids.shape[0]
+        positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
+        h = self.decoder.embed_tokens(ids)
+        cos, sin = self.rope(h, positions)
+        for i, layer in enumerate(self.decoder.layers):
+            q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
+            cache.layers[i] = cache.layers[i].append(k, v, positions)
+            mask = appended_mask(n, cache.layers[i].length, ids.device)
+            h = self.mlp(layer, h + self.attend(layer, q, cache.layers[i].keys, cache.layers[i].values, mask, False))
+        cache.seq_len += n
+        return self.logits(h[-1])
+
+
+def appended_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor | None:
+    """[n_new, n_keys] bool: all cached keys visible, the last n_new keys causal; None if all visible."""
+    if n_new == 1:
+        return None
+    mask = torch.ones(n_new, n_keys, dtype=torch.bool, device=device)
+    mask[:, n_keys - n_new :] = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+    return mask

@@ -1,0 +1,41 @@
+"""Timings and sizes of one answer (plain data; the CLI renders it, bench/ and tests read it)."""
+
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunStats:
+    """Seconds as floats; None where a step did not happen in this run."""
+
+    load_s: float | None = None
+    read_s: float | None = None
+    tokenize_s: float | None = None
+    cache_load_s: float | None = None
+    prefill_s: float | None = None  # of a saved-cache query: the question's prefill only
+    ttft_s: float | None = None  # from the end of reading inputs to the first answer token
+    decode_tokens_per_s: float | None = None
+    new_tokens: int = 0
+    context_tokens: int = 0
+    dropped_tokens: int = 0  # cut by --truncate middle
+    kv_bytes_full: int = 0  # an uncompressed cache of the context, same dtype
+    kv_bytes_kept: int = 0
+    kept_tokens_per_layer: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Stopwatch:
+    """Seconds since construction or the last lap."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start

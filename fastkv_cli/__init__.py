@@ -1,0 +1,1 @@
+"""fastkv's command line: parse arguments, call core/, render results."""

@@ -1,0 +1,28 @@
+"""Options shared by several commands, as reusable Annotated aliases."""
+
+from typing import Annotated
+
+import typer
+
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Local HF folder, hub id, or .gguf file [default: $FASTKV_MODEL, else embedded SmolLM2-135M].",
+    ),
+]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda if available].")]
+Dtype = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32 on CPU, bfloat16 on CUDA].")
+]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Stop the answer after this many tokens.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature > 0).")]
+Seed = Annotated[int | None, typer.Option(help="Seed for sampling, for repeatable answers.")]
+Truncate = Annotated[
+    str | None,
+    typer.Option(help="'middle': drop tokens from the middle of the documents when they overflow the window."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer on stdout, nothing else there.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
