@@ -9,6 +9,7 @@ import torch
 from core.documents import Document
 from core.generation import Sampling, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
+from core.methods import DEFAULT_METHOD, Method, make_method
 from core.models import LoadedModel, load_model
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
@@ -43,7 +44,7 @@ class Answer:
 def document_summaries(documents: list[Document], context: Context) -> list[dict]:
     return [
         {"name": doc.name, "sha256": doc.sha256, "pages": doc.pages, "tokens": tokens}
-        for doc, tokens in zip(documents, context.tokens_per_document)
+        for doc, tokens in zip(documents, context.tokens_per_document, strict=True)
     ]
 
 
@@ -76,13 +77,19 @@ class Engine:
         self,
         documents: list[Document],
         question: str,
+        method: Method | None = None,
         max_new_tokens: int = 256,
         sampling: Sampling = Sampling(),
         truncate: str | None = None,
         on_text: Callable[[str], None] = lambda text: None,
         progress: Progress = no_progress,
     ) -> Answer:
-        """Prefill documents + question in one pass (the question is known) and decode the answer."""
+        """Prefill documents + question in one pass and decode the answer.
+
+        The question ends the prompt, so the method's scoring window is the question itself
+        (query-aware selection, as in the FastKV paper).
+        """
+        method = method or make_method(DEFAULT_METHOD)
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         tokenizer = self.loaded.tokenizer
         question_ids = encode_question(tokenizer, self.template, question)
@@ -92,16 +99,18 @@ class Engine:
             encode_context(tokenizer, self.template, documents), window - extra, window, extra, truncate
         )
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(self.tensor(context.ids + question_ids), progress)
+        prefill = self.runner.prefill(self.tensor(context.ids + question_ids), method, progress)
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens = len(context.ids) + len(question_ids), context.dropped_tokens
         self.record_cache(stats, prefill.cache)
+        stats.layer_tokens = prefill.layer_tokens
         text = self.decode(prefill.cache, prefill.logits, max_new_tokens, sampling, on_text, stats, clock)
-        return Answer(question, text, self.loaded.name, "fullkv", None, document_summaries(documents, context), stats)
+        summaries = document_summaries(documents, context)
+        return Answer(question, text, self.loaded.name, method.name, method.budget_label, summaries, stats)
 
     def record_cache(self, stats: RunStats, cache: KVCache) -> None:
         stats.kv_bytes_kept = cache.nbytes
-        stats.kv_bytes_full = full_kv_bytes(self.loaded.config, cache.seq_len, self.loaded.dtype)
+        stats.kv_bytes_full = full_kv_bytes(self.loaded.config, stats.context_tokens, self.loaded.dtype)
         stats.kept_tokens_per_layer = cache.kept_tokens_per_layer
 
     def decode(self, cache, logits, max_new_tokens, sampling, on_text, stats: RunStats, clock: Stopwatch) -> str:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.kvcache import KVCache, LayerKV
+from core.methods import FullKV, LayerInput, Method
 from core.models import check_supported
 from core.progress import Progress, no_progress
 
@@ -25,6 +26,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Prefill:
     cache: KVCache
     logits: Tensor  # [vocab] float32, the next-token logits after the last context token
+    layer_tokens: list[int]  # how many tokens each layer ran on (GemFilter: both passes, in order)
 
 
 class Runner:
@@ -82,18 +84,34 @@ class Runner:
         return self.model.lm_head(self.decoder.norm(h_last)).float()
 
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, progress: Progress = no_progress) -> Prefill:
-        """Run the context ids [L] through every layer; cache each layer's K/V."""
-        positions = torch.arange(ids.shape[0], device=ids.device)
-        h = self.decoder.embed_tokens(ids)  # [L, hidden]
+    def prefill(self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress) -> Prefill:
+        """Run the context ids [L] through every layer; the method picks what each layer caches and passes on.
+
+        Attention itself is always exact over the tokens a layer sees; only the cache and the set of
+        tokens that reach deeper layers (Token-Selective Propagation) are reduced.
+        """
+        method = method or FullKV()
+        positions = torch.arange(ids.shape[0], device=ids.device)  # original positions of the tokens present
+        h = self.decoder.embed_tokens(ids)  # [n, hidden]
         cos, sin = self.rope(h, positions)
-        cache = KVCache(seq_len=ids.shape[0])
+        cache, layer_tokens = KVCache(seq_len=ids.shape[0]), []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
-            cache.layers.append(LayerKV(k, v, positions.expand(self.num_kv_heads, -1)))
+            layer_tokens.append(h.shape[0])
+            selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
+            if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
+                progress("prefill", self.num_layers, self.num_layers)
+                restarted = self.prefill(ids[selection.restart], FullKV(), progress)
+                restarted.layer_tokens = layer_tokens + restarted.layer_tokens
+                return restarted
+            layer_kv = LayerKV(k, v, positions.expand(self.num_kv_heads, -1))
+            cache.layers.append(layer_kv if selection.keep is None else layer_kv.select(selection.keep))
+            if selection.propagate is not None:
+                keep = selection.propagate
+                h, positions, cos, sin = h[keep], positions[keep], cos[keep], sin[keep]
             progress("prefill", i + 1, self.num_layers)
-        return Prefill(cache, self.logits(h[-1]))
+        return Prefill(cache, self.logits(h[-1]), layer_tokens)
 
     @torch.inference_mode()
     def extend(self, cache: KVCache, ids: Tensor) -> Tensor:

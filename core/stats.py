@@ -21,6 +21,7 @@ class RunStats:
     kv_bytes_full: int = 0  # an uncompressed cache of the context, same dtype
     kv_bytes_kept: int = 0
     kept_tokens_per_layer: list[int] = field(default_factory=list)
+    layer_tokens: list[int] = field(default_factory=list)  # tokens each prefill layer ran on (TSP shrinks it)
 
     def to_dict(self) -> dict:
         return asdict(self)

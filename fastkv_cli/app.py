@@ -11,6 +11,7 @@ import typer
 from core.documents import read_documents
 from core.errors import FastKVError
 from core.generation import Sampling
+from core.methods import make_method
 from fastkv_cli import options
 from fastkv_cli.render import print_json, progress_reporter, stats_table, stderr
 
@@ -42,6 +43,13 @@ def one_line_errors(command):
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
+        except Exception as error:  # a bug, not bad input: still one line unless debugging
+            if os.environ.get("FASTKV_DEBUG") == "1":
+                raise
+            stderr.print(
+                f"[red]internal error:[/red] {type(error).__name__}: {error} (FASTKV_DEBUG=1 shows the traceback)"
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -64,6 +72,13 @@ def stream_to_stdout(text: str) -> None:
 def ask(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
+    method: options.MethodName = "fastkv",
+    budget: options.Budget = None,
+    tsp_layer: options.TspLayer = None,
+    tsp_rate: options.TspRate = None,
+    pooling: options.Pooling = None,
+    window: options.Window = None,
+    filter_layer: options.FilterLayer = None,
     model: options.Model = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -80,6 +95,15 @@ def ask(
 
     quiet_transformers()
     sampling = Sampling(temperature, top_p, seed)
+    selection = make_method(
+        method,
+        budget=budget,
+        tsp_layer=tsp_layer,
+        tsp_rate=tsp_rate,
+        pooling=pooling,
+        window=window,
+        filter_layer=filter_layer,
+    )
     with progress_reporter(quiet) as progress:
         start = time.perf_counter()
         docs = read_documents(documents, on_page=lambda done, total: progress("reading PDF pages", done, total))
@@ -89,6 +113,7 @@ def ask(
         answer = engine.ask(
             docs,
             question,
+            selection,
             max_new_tokens,
             sampling,
             truncate,

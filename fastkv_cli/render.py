@@ -73,6 +73,11 @@ def stats_table(answer: Answer) -> Table:
     if s.kept_tokens_per_layer:
         kept = s.kept_tokens_per_layer
         rows.append(("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"))
+    shrink = next((i for i in range(1, len(s.layer_tokens)) if s.layer_tokens[i] < s.layer_tokens[i - 1]), None)
+    if shrink is not None:
+        rows.append(
+            ("propagated", f"{s.layer_tokens[shrink]:,} of {s.layer_tokens[0]:,} tokens after layer {shrink - 1}")
+        )
     rows.append(("KV cache", f"{s.kv_bytes_kept / MIB:.1f} MiB kept of {s.kv_bytes_full / MIB:.1f} MiB full"))
     for name, value in rows:
         table.add_row(name, value)

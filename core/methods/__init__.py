@@ -1,0 +1,27 @@
+"""Token-selection methods, registered by name."""
+
+from core.errors import InputError
+from core.methods.base import Budget, LayerInput, Method, Selection
+from core.methods.fastkv import FastKV
+from core.methods.fullkv import FullKV
+from core.methods.gemfilter import GemFilter
+from core.methods.snapkv import SnapKV
+from core.methods.streamingllm import StreamingLLM
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, StreamingLLM, GemFilter)}
+DEFAULT_METHOD = "fastkv"
+
+__all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "Selection", "make_method"]
+
+
+def make_method(name: str, **parameters) -> Method:
+    """The method `name` with the given parameters; parameters it does not take are ignored if None."""
+    if name not in METHODS:
+        raise InputError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    cls = METHODS[name]
+    fields = cls.__dataclass_fields__
+    unknown = [key for key, value in parameters.items() if value is not None and key not in fields]
+    if unknown:
+        options = ", ".join("--" + key.replace("_", "-") for key in unknown)
+        raise InputError(f"{options} does not apply to --method {name}")
+    return cls(**{key: value for key, value in parameters.items() if value is not None})

@@ -1,0 +1,106 @@
+"""The interface every token-selection method implements, and the budgets they share.
+
+A method looks at one layer at a time during prefill and answers, from that layer's queries and
+keys: which tokens enter the cache (per KV head), which tokens go on to the next layer (Token-
+Selective Propagation), or which tokens to prefill again from scratch (GemFilter). The runner asks;
+it never branches on a method's type.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A token count per layer: a fraction of the context (`10%`, `0.1`) or a constant (`1024`)."""
+
+    value: float
+    proportional: bool
+
+    @classmethod
+    def parse(cls, text: "str | Budget", option: str = "--budget") -> "Budget":
+        if isinstance(text, Budget):
+            return text
+        text = str(text).strip()
+        if match := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
+            fraction = float(match[1]) / 100
+        elif re.fullmatch(r"\d+", text):
+            if int(text) < 1:
+                raise InputError(f"{option} must be at least 1 token, got {text}")
+            return cls(int(text), proportional=False)
+        elif re.fullmatch(r"\d*\.\d+", text):
+            fraction = float(text)
+        else:
+            raise InputError(
+                f"{option} takes a percentage (10%), a fraction (0.1) or a token count (1024), got '{text}'"
+            )
+        if not 0 < fraction <= 1:
+            raise InputError(f"{option} must be more than 0% and at most 100%, got '{text}'")
+        return cls(fraction, proportional=True)
+
+    def tokens(self, context_len: int) -> int:
+        return int(context_len * self.value) if self.proportional else int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.proportional else str(int(self.value))
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What a method sees of one prefill layer."""
+
+    index: int
+    num_layers: int
+    context_len: int  # tokens of the whole prompt, whatever this layer still sees
+    q: Tensor  # [heads, n, head_dim], after RoPE
+    k: Tensor  # [kv_heads, n, head_dim], after RoPE
+
+    @property
+    def present(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A method's answer for one layer; None everywhere means: keep everything, change nothing."""
+
+    keep: Tensor | None = None  # [kv_heads, m] sorted token indices entering this layer's cache
+    propagate: Tensor | None = None  # [m'] sorted token indices the next layers run on (TSP)
+    restart: Tensor | None = None  # [m''] sorted token ids to prefill again with fresh positions
+
+
+def top_tokens(scores: Tensor, count: int, window: int) -> Tensor:
+    """Per row, the `count - window` best-scored prefix tokens plus the `window` last, sorted.
+
+    scores: [rows, prefix] over the tokens before the window -> [rows, count] token indices.
+    """
+    rows, prefix = scores.shape
+    chosen = scores.topk(max(count - window, 0), dim=-1).indices.sort(dim=-1).values
+    tail = torch.arange(prefix, prefix + window, device=scores.device).expand(rows, -1)
+    return torch.cat([chosen, tail], dim=-1)
+
+
+@dataclass
+class Method:
+    """Full KV by default: every token of every layer is cached, nothing is dropped."""
+
+    name: ClassVar[str] = "base"
+    propagates: ClassVar[bool] = False  # deeper layers may run on fewer tokens
+    needs_full_prefill: ClassVar[bool] = False  # compresses only after an exact prefill
+
+    def select(self, layer: LayerInput) -> Selection:
+        return Selection()
+
+    @property
+    def budget_label(self) -> str | None:
+        budget = getattr(self, "budget", None)
+        return None if budget is None else str(budget)
+
+    def parameters(self) -> dict:
+        return {key: str(value) if isinstance(value, Budget) else value for key, value in asdict(self).items()}

@@ -1,0 +1,27 @@
+"""Window attention scores shared by SnapKV, FastKV and the TSP step (FastKV, arXiv 2502.01068, §3)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+POOLINGS = ("avgpool", "maxpool")
+
+
+def window_scores(q: Tensor, k: Tensor, window: int, pooling: str = "avgpool", kernel: int = 7) -> Tensor:
+    """How much the last `window` queries attend to each earlier token, one row per KV head.
+
+    q: [heads, n, d], k: [kv_heads, n, d] -> [kv_heads, n - window]. Softmax in fp32 over all keys
+    with a causal mask inside the window; sum over the window queries; pool along the sequence;
+    sum the query heads of each GQA group.
+    """
+    heads, n, d = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    q_window = q[:, -window:].float().view(kv_heads, group, window, d)
+    logits = q_window @ k.float().unsqueeze(1).transpose(-1, -2) / d**0.5  # [kv_heads, group, window, n]
+    future = torch.ones(window, window, dtype=torch.bool, device=q.device).triu(1)
+    logits[..., -window:] = logits[..., -window:].masked_fill(future, float("-inf"))
+    attention = logits.softmax(dim=-1)[..., : n - window].sum(dim=-2)  # [kv_heads, group, n - window]
+    pool = F.avg_pool1d if pooling == "avgpool" else F.max_pool1d
+    pooled = pool(attention.reshape(heads, 1, n - window), kernel_size=kernel, stride=1, padding=kernel // 2)
+    return pooled.view(kv_heads, group, n - window).sum(dim=1)

@@ -1,0 +1,25 @@
+"""StreamingLLM (Xiao et al., arXiv 2309.17453): keep a few attention-sink tokens at the start and
+the most recent tokens; no scores at all."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from core.methods.base import LayerInput
+from core.methods.snapkv import SnapKV
+
+
+@dataclass
+class StreamingLLM(SnapKV):
+    name: ClassVar[str] = "streamingllm"
+    needs_full_prefill: ClassVar[bool] = True
+    sinks: int = 4
+
+    def scores(self, layer: LayerInput) -> Tensor:
+        """Recency as the score, sinks first: top-k then takes the sinks and the latest tokens."""
+        prefix = layer.present - self.window
+        recency = torch.arange(prefix, device=layer.k.device, dtype=torch.float32)
+        recency[: self.sinks] = float("inf")
+        return recency.expand(layer.k.shape[0], -1)
