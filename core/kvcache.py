@@ -55,9 +55,8 @@ class KVCache:
 
     def clone(self) -> "KVCache":
         """An independent copy, so one question's tokens never reach another's cache."""
-        return KVCache(
-            [LayerKV(*(t.clone() for t in (l.keys, l.values, l.positions))) for l in self.layers], self.seq_len
-        )
+        layers = [LayerKV(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in self.layers]
+        return KVCache(layers, self.seq_len)
 
 
 def full_kv_bytes(config, seq_len: int, dtype: torch.dtype) -> int:
