@@ -3,18 +3,33 @@
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import torch
 
+from core import __version__ as FASTKV_VERSION
 from core.documents import Document
-from core.generation import Sampling, TextStream, generate, stop_token_ids
+from core.errors import CacheFileError, ContextOverflowError, InputError
+from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
-from core.methods import DEFAULT_METHOD, Method, make_method
-from core.models import LoadedModel, load_model
+from core.methods import DEFAULT_METHOD, Budget, Method, make_method
+from core.methods.snapkv import SnapKV
+from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
+
+QUESTION_RESERVE = 512  # tokens a saved context leaves free in the window for a question and its answer
+
+
+@dataclass
+class SavedContext:
+    """A prefilled context without its question: what `cache build` saves and `cache query` loads."""
+
+    cache: KVCache
+    manifest: dict
+    stats: RunStats
 
 
 @dataclass
@@ -78,8 +93,7 @@ class Engine:
         documents: list[Document],
         question: str,
         method: Method | None = None,
-        max_new_tokens: int = 256,
-        sampling: Sampling = Sampling(),
+        decoding: Decoding = Decoding(),
         truncate: str | None = None,
         on_text: Callable[[str], None] = lambda text: None,
         progress: Progress = no_progress,
@@ -91,29 +105,137 @@ class Engine:
         """
         method = method or make_method(DEFAULT_METHOD)
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
-        tokenizer = self.loaded.tokenizer
-        question_ids = encode_question(tokenizer, self.template, question)
-        extra = len(question_ids) + max_new_tokens
-        window = self.loaded.context_window
-        context = fit_context(
-            encode_context(tokenizer, self.template, documents), window - extra, window, extra, truncate
-        )
+        question_ids = encode_question(self.loaded.tokenizer, self.template, question)
+        context = self.context(documents, len(question_ids) + decoding.max_new_tokens, truncate)
         stats.tokenize_s = clock.lap()
         prefill = self.runner.prefill(self.tensor(context.ids + question_ids), method, progress)
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens = len(context.ids) + len(question_ids), context.dropped_tokens
-        self.record_cache(stats, prefill.cache)
         stats.layer_tokens = prefill.layer_tokens
-        text = self.decode(prefill.cache, prefill.logits, max_new_tokens, sampling, on_text, stats, clock)
+        self.record_cache(stats, prefill.cache)
+        text = self.decode(prefill.cache, prefill.logits, decoding, on_text, stats, clock)
         summaries = document_summaries(documents, context)
         return Answer(question, text, self.loaded.name, method.name, method.budget_label, summaries, stats)
+
+    def context(self, documents: list[Document], reserved: int, truncate: str | None) -> Context:
+        """The documents' tokens, fitted to the window with `reserved` tokens left for question and answer."""
+        window = self.loaded.context_window
+        encoded = encode_context(self.loaded.tokenizer, self.template, documents)
+        return fit_context(encoded, window - reserved, window, reserved, truncate)
+
+    def build(
+        self,
+        documents: list[Document],
+        method: Method,
+        query_budget: Budget | None,
+        questions: list[str] = (),
+        truncate: str | None = None,
+        reserved: int = QUESTION_RESERVE,
+        progress: Progress = no_progress,
+    ) -> SavedContext:
+        """Prefill the documents without knowing the question, for a cache to save and query later.
+
+        With `questions`, they are appended for the prefill so their tokens are the scoring window
+        (they steer selection), then dropped from the cache. `query_budget` is what each query
+        re-selects the stored tokens down to, with its own question as the window (two-stage).
+        """
+        if method.restarts:
+            raise InputError(
+                f"--method {method.name} re-prefills with new positions; a saved cache needs original positions"
+            )
+        stats, clock = RunStats(load_s=self.load_s), Stopwatch()
+        context = self.context(documents, reserved, truncate)
+        steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
+        stats.tokenize_s = clock.lap()
+        prefill = self.runner.prefill(
+            self.tensor(context.ids + steering), method.steered(len(context.ids), len(steering)), progress
+        )
+        cache = prefill.cache.without_last(len(steering))
+        stats.prefill_s = clock.lap()
+        stats.context_tokens, stats.dropped_tokens, stats.layer_tokens = (
+            len(context.ids),
+            context.dropped_tokens,
+            prefill.layer_tokens,
+        )
+        self.record_cache(stats, cache)
+        manifest = {
+            "fastkv_version": FASTKV_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": self.loaded.name, "spec": self.loaded.spec, **model_fingerprint(self.loaded)},
+            "tokenizer_sha256": tokenizer_sha256(self.loaded.tokenizer),
+            "method": {"name": method.name, "parameters": method.parameters()},
+            "query_budget": None if query_budget is None else str(query_budget),
+            "steering_questions": len(questions),
+            "context_tokens": len(context.ids),
+            "dropped_tokens": context.dropped_tokens,
+            "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},
+            "documents": [
+                {**summary, "size": doc.size, "page_token_spans": spans}
+                for doc, summary, spans in zip(
+                    documents, document_summaries(documents, context), context.page_token_spans, strict=True
+                )
+            ],
+        }
+        return SavedContext(cache, manifest, stats)
+
+    def check_compatible(self, manifest: dict, path: str) -> None:
+        """Refuse a cache built with another model or tokenizer, naming which."""
+        built, here = manifest["model"], model_fingerprint(self.loaded)
+        different = [key for key, value in here.items() if built.get(key) != value]
+        if different:
+            raise CacheFileError(
+                f"{path}: built with model '{built['name']}', which differs from the loaded '{self.loaded.name}' "
+                f"({', '.join(different)}); pass --model with the model it was built with"
+            )
+        if manifest["tokenizer_sha256"] != tokenizer_sha256(self.loaded.tokenizer):
+            raise CacheFileError(f"{path}: built with a different tokenizer than the loaded model's")
+
+    def query(
+        self,
+        saved: SavedContext,
+        question: str,
+        budget: Budget | None = None,
+        decoding: Decoding = Decoding(),
+        on_text: Callable[[str], None] = lambda text: None,
+    ) -> Answer:
+        """Answer from a fresh copy of a saved context: append the question, re-select, decode."""
+        stats, clock = RunStats(load_s=self.load_s, cache_load_s=saved.stats.cache_load_s), Stopwatch()
+        manifest = saved.manifest
+        template = PromptTemplate("", "", manifest["template"]["question_prefix"], manifest["template"]["tail"])
+        question_ids = encode_question(self.loaded.tokenizer, template, question)
+        needed = manifest["context_tokens"] + len(question_ids) + decoding.max_new_tokens
+        if needed > self.loaded.context_window:
+            raise ContextOverflowError(
+                f"the cached context ({manifest['context_tokens']:,} tokens) plus this question and answer need "
+                f"{needed:,} tokens, more than the model's window of {self.loaded.context_window:,}"
+            )
+        stats.tokenize_s = clock.lap()
+        cache = saved.cache.clone()
+        budget = budget or (manifest["query_budget"] and Budget.parse(manifest["query_budget"]))
+        reselect = (
+            None
+            if budget is None
+            else SnapKV(
+                budget, window=len(question_ids), pooling=manifest["method"]["parameters"].get("pooling", "avgpool")
+            )
+        )
+        logits = self.runner.extend(cache, self.tensor(question_ids), reselect)
+        stats.prefill_s = clock.lap()
+        stats.context_tokens = cache.seq_len
+        self.record_cache(stats, cache)
+        text = self.decode(cache, logits, decoding, on_text, stats, clock)
+        stats.ttft_s += stats.cache_load_s or 0.0
+        documents = [{key: doc[key] for key in ("name", "sha256", "pages", "tokens")} for doc in manifest["documents"]]
+        method = manifest["method"]
+        label = str(budget) if budget else method["parameters"].get("budget")
+        return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)
 
     def record_cache(self, stats: RunStats, cache: KVCache) -> None:
         stats.kv_bytes_kept = cache.nbytes
         stats.kv_bytes_full = full_kv_bytes(self.loaded.config, stats.context_tokens, self.loaded.dtype)
         stats.kept_tokens_per_layer = cache.kept_tokens_per_layer
 
-    def decode(self, cache, logits, max_new_tokens, sampling, on_text, stats: RunStats, clock: Stopwatch) -> str:
+    def decode(self, cache: KVCache, logits, decoding: Decoding, on_text, stats: RunStats, clock: Stopwatch) -> str:
         stream = TextStream(self.loaded.tokenizer, on_text)
         first_token_at: list[float] = []
 
@@ -122,7 +244,9 @@ class Engine:
                 first_token_at.append(time.perf_counter())
             stream.push(token)
 
-        tokens = generate(self.runner, cache, logits, max_new_tokens, self.stop_ids, sampling, on_token)
+        tokens = generate(
+            self.runner, cache, logits, decoding.max_new_tokens, self.stop_ids, decoding.sampling, on_token
+        )
         end = time.perf_counter()
         stats.new_tokens = len(tokens)
         stats.ttft_s = (first_token_at[0] if first_token_at else end) - clock.start

@@ -23,3 +23,7 @@ class ModelError(InputError):
 
 class ContextOverflowError(InputError):
     """The prompt does not fit the model's context window."""
+
+
+class CacheFileError(InputError):
+    """A .fkv file that is not a valid cache, or does not belong to the loaded model."""

@@ -29,6 +29,16 @@ class Sampling:
         return torch.Generator().manual_seed(self.seed)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int = 256
+    sampling: Sampling = Sampling()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+
 def next_token(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """logits [vocab] -> token id."""
     if sampling.temperature == 0:
@@ -41,7 +51,10 @@ def next_token(logits: Tensor, sampling: Sampling, generator: torch.Generator | 
 
 
 class TextStream:
-    """Incremental detokenization: emits only text that later tokens can no longer change."""
+    """Incremental detokenization: emits only text that later tokens can no longer change.
+
+    Whitespace at either end of the answer is never emitted, so a streamed answer equals `text`.
+    """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
         self.tokenizer, self.on_text = tokenizer, on_text
@@ -50,14 +63,14 @@ class TextStream:
 
     def push(self, token: int) -> None:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.text
         if not text.endswith("\ufffd"):  # an unfinished multi-byte character waits for its bytes
             self.on_text(text[self.emitted :])
             self.emitted = len(text)
 
     @property
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -25,6 +25,11 @@ class LayerKV:
         gather = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
         return LayerKV(self.keys.gather(1, gather), self.values.gather(1, gather), self.positions.gather(1, index))
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "LayerKV":
+        return LayerKV(
+            self.keys.to(device, dtype), self.values.to(device, dtype), self.positions.to(device, torch.long)
+        )
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerKV":
         """This layer followed by new tokens: keys/values [kv_heads, m, head_dim], positions [m]."""
         heads = self.keys.shape[0]
@@ -53,10 +58,31 @@ class KVCache:
     def kept_tokens_per_layer(self) -> list[int]:
         return [layer.length for layer in self.layers]
 
+    def without_last(self, n: int) -> "KVCache":
+        """The cache as it was before its last n tokens (which every layer keeps, in order, at the end)."""
+        if n == 0:
+            return self
+        layers = []
+        for layer in self.layers:
+            index = torch.arange(layer.length - n, device=layer.keys.device).expand(layer.keys.shape[0], -1)
+            layers.append(layer.select(index))
+        return KVCache(layers, self.seq_len - n)
+
     def clone(self) -> "KVCache":
         """An independent copy, so one question's tokens never reach another's cache."""
         layers = [LayerKV(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in self.layers]
         return KVCache(layers, self.seq_len)
+
+
+def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:
+    """For each [start, end) span of positions, the share of its tokens the cache keeps, averaged
+    over layers and KV heads."""
+    shares = []
+    for start, end in page_spans:
+        kept = sum(((layer.positions >= start) & (layer.positions < end)).sum().item() for layer in cache.layers)
+        slots = (end - start) * sum(layer.positions.shape[0] for layer in cache.layers)
+        shares.append(kept / slots if slots else 0.0)
+    return shares
 
 
 def full_kv_bytes(config, seq_len: int, dtype: torch.dtype) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.atomic import write_bytes_atomic
 from core.errors import FastKVError, ModelError
 from core.progress import Progress, no_progress
 
@@ -28,6 +29,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for, for display and the JSON output
     folder: Path  # the Hugging Face folder the weights came from
+    spec: str | None = None  # what --model said (None: the embedded default), to load it again
 
     @property
     def config(self):
@@ -116,7 +118,9 @@ def load_model(
         if not folder.is_dir():
             folder = snapshot_from_hub(spec)
     torch_device = resolve_device(device)
-    return load_folder(folder, name, torch_device, resolve_dtype(dtype, torch_device))
+    loaded = load_folder(folder, name, torch_device, resolve_dtype(dtype, torch_device))
+    loaded.spec = spec
+    return loaded
 
 
 def snapshot_from_hub(model_id: str) -> Path:
@@ -166,7 +170,7 @@ def gguf_sha256(path: Path, cache_dir: Path) -> str:
     if memo.is_file():
         return memo.read_text().strip()
     digest = file_sha256(path)
-    write_text_atomic(memo, digest)
+    write_bytes_atomic(memo, digest.encode())
     return digest
 
 
@@ -215,13 +219,36 @@ def convert_gguf(gguf: Path, folder: Path, progress: Progress = no_progress) -> 
     progress(f"converting {gguf.name} (once)", 3, 3)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def weights_sha256(model: PreTrainedModel, samples: int = 4096) -> str:
+    """A hash of the weights that is cheap for an 8B model: every tensor's name and shape and an
+    evenly strided sample of its values, rounded to bfloat16 so float32 and bfloat16 loads of the
+    same checkpoint agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to(torch.bfloat16).cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint(loaded: LoadedModel) -> dict:
+    """What a saved cache must match to be used with this model."""
+    config = loaded.config
+    return {
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "weights_sha256": weights_sha256(loaded.model),
+    }

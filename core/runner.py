@@ -114,11 +114,13 @@ class Runner:
         return Prefill(cache, self.logits(h[-1]), layer_tokens)
 
     @torch.inference_mode()
-    def extend(self, cache: KVCache, ids: Tensor) -> Tensor:
+    def extend(self, cache: KVCache, ids: Tensor, method: Method | None = None) -> Tensor:
         """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
 
         New tokens attend to every cached key and causally to each other. SDPA's `is_causal`
         aligns the triangle top-left when queries and keys differ in length, so the mask is explicit.
+        With a `method`, each layer's cache is then re-selected with the new tokens as the
+        scoring window (the second stage of a saved cache: the question picks what stays).
         """
         n = ids.shape[0]
         positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
@@ -126,9 +128,13 @@ class Runner:
         cos, sin = self.rope(h, positions)
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
-            cache.layers[i] = cache.layers[i].append(k, v, positions)
-            mask = appended_mask(n, cache.layers[i].length, ids.device)
-            h = self.mlp(layer, h + self.attend(layer, q, cache.layers[i].keys, cache.layers[i].values, mask, False))
+            layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
+            mask = appended_mask(n, layer_kv.length, ids.device)
+            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
+            if method is not None:
+                selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, q, layer_kv.keys))
+                if selection.keep is not None:
+                    cache.layers[i] = layer_kv.select(selection.keep)
         cache.seq_len += n
         return self.logits(h[-1])
 

@@ -1,19 +1,17 @@
-"""The Typer app: `fastkv ask`; every command parses, calls core, renders."""
+"""The Typer app: `fastkv ask` and `fastkv cache build|query|info`; each parses, calls core, renders."""
 
 import functools
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from core.documents import read_documents
-from core.errors import FastKVError
-from core.generation import Sampling
-from core.methods import make_method
+from core.errors import FastKVError, InputError
 from fastkv_cli import options
-from fastkv_cli.render import print_json, progress_reporter, stats_table, stderr
+from fastkv_cli.render import cache_info_view, print_json, progress_reporter, stats_table, stderr, stdout
 
 app = typer.Typer(
     help="Question answering over long documents with a compressed (FastKV) prefill.",
@@ -21,6 +19,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+cache_app = typer.Typer(
+    help="Prefill documents once into a .fkv file, then answer questions from it.", no_args_is_help=True
+)
+app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
@@ -33,21 +35,27 @@ def one_line_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        debug = os.environ.get("FASTKV_DEBUG") == "1"
         try:
             return command(*args, **kwargs)
         except FastKVError as error:
-            if os.environ.get("FASTKV_DEBUG") == "1":
+            if debug:
                 raise
-            stderr.print(f"[red]error:[/red] {error}", highlight=False, markup=True, soft_wrap=True)
+            stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            stderr.print("interrupted")
+            stderr.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `fastkv ... | head`: the reader left; nothing more to say
+            sys.stderr.close()
+            raise typer.Exit(0) from None
         except Exception as error:  # a bug, not bad input: still one line unless debugging
-            if os.environ.get("FASTKV_DEBUG") == "1":
+            if debug:
                 raise
             stderr.print(
-                f"[red]internal error:[/red] {type(error).__name__}: {error} (FASTKV_DEBUG=1 shows the traceback)"
+                f"[red]internal error:[/red] {type(error).__name__}: {error} (FASTKV_DEBUG=1 shows the traceback)",
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
@@ -65,6 +73,38 @@ def quiet_transformers() -> None:
 def stream_to_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def load_engine(model, device, dtype, quiet: bool):
+    from core.engine import Engine
+
+    quiet_transformers()
+    with progress_reporter(quiet) as progress:
+        return Engine.load(model, device, dtype, progress)
+
+
+def read_inputs(paths: list[str], quiet: bool):
+    from core.documents import read_documents
+
+    start = time.perf_counter()
+    with progress_reporter(quiet) as progress:
+        documents = read_documents(paths, on_page=lambda done, total: progress("reading PDF pages", done, total))
+    return documents, time.perf_counter() - start
+
+
+def decoding_options(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from core.generation import Decoding, Sampling
+
+    return Decoding(max_new_tokens, Sampling(temperature, top_p, seed))
+
+
+def show(answer, json: bool, quiet: bool) -> None:
+    if json:
+        print_json(answer.to_dict())
+    elif not answer.text.endswith("\n"):
+        stream_to_stdout("\n")
+    if not quiet:
+        stderr.print(stats_table(answer))
 
 
 @app.command()
@@ -91,39 +131,153 @@ def ask(
     quiet: options.Quiet = False,
 ) -> None:
     """Answer QUESTION about DOCUMENTS in one pass (the question steers what the cache keeps)."""
-    from core.engine import Engine
+    from core.methods import make_method
 
-    quiet_transformers()
-    sampling = Sampling(temperature, top_p, seed)
+    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
     selection = make_method(
-        method,
-        budget=budget,
-        tsp_layer=tsp_layer,
-        tsp_rate=tsp_rate,
-        pooling=pooling,
-        window=window,
+        method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window,
         filter_layer=filter_layer,
-    )
+    )  # fmt: skip
+    docs, read_s = read_inputs(documents, quiet)
+    engine = load_engine(model, device, dtype, quiet)
     with progress_reporter(quiet) as progress:
-        start = time.perf_counter()
-        docs = read_documents(documents, on_page=lambda done, total: progress("reading PDF pages", done, total))
-        read_s = time.perf_counter() - start
-        engine = Engine.load(model, device, dtype, progress)
-    with progress_reporter(quiet) as progress:
-        answer = engine.ask(
-            docs,
-            question,
-            selection,
-            max_new_tokens,
-            sampling,
-            truncate,
-            on_text=(lambda text: None) if json else stream_to_stdout,
-            progress=progress,
-        )
+        on_text = (lambda text: None) if json else stream_to_stdout
+        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress)
     answer.stats.read_s = read_s
+    show(answer, json, quiet)
+
+
+@cache_app.command("build")
+@one_line_errors
+def cache_build(
+    documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .fkv file to write.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    method: options.MethodName = "fastkv",
+    budget: options.Budget = None,
+    query_budget: Annotated[
+        str | None,
+        typer.Option(help="Re-select down to this budget at query time with each question (two-stage)."),
+    ] = None,
+    tsp_layer: options.TspLayer = None,
+    tsp_rate: options.TspRate = None,
+    pooling: options.Pooling = None,
+    window: options.Window = None,
+    questions: Annotated[
+        Path | None, typer.Option(help="A file of expected questions, one per line, to steer what is kept.")
+    ] = None,
+    cache_dtype: Annotated[
+        str, typer.Option(help="float16, bfloat16 or float32 for the stored keys/values.")
+    ] = "float16",
+    model: options.Model = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    truncate: options.Truncate = None,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Prefill DOCUMENTS once (compressed) and save the cache to OUTPUT for later `cache query`."""
+    from core.methods import Budget, make_method
+    from core.store import check_target, save_cache
+
+    check_target(output, force)
+    selection = make_method(
+        method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window
+    )
+    final_budget = None if query_budget is None else Budget.parse(query_budget, "--query-budget")
+    steering = read_questions(questions) if questions else []
+    docs, read_s = read_inputs(documents, quiet)
+    engine = load_engine(model, device, dtype, quiet)
+    with progress_reporter(quiet) as progress:
+        saved = engine.build(docs, selection, final_budget, steering, truncate, progress=progress)
+        progress("saving", 0, 1)
+        start = time.perf_counter()
+        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, force)
+        progress("saving", 1, 1)
+    saved.stats.read_s = read_s
+    summary = {
+        "output": str(output),
+        "file_bytes": size,
+        "save_s": time.perf_counter() - start,
+        **saved.stats.to_dict(),
+    }
     if json:
-        print_json(answer)
-    else:
-        stream_to_stdout("\n")
+        print_json(summary)
     if not quiet:
-        stderr.print(stats_table(answer))
+        stderr.print(f"wrote {output} ({size / (1 << 20):.1f} MiB)", highlight=False)
+
+
+def read_questions(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read the questions file ({error})") from None
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise InputError(f"{path}: no questions in the file")
+    return questions
+
+
+@cache_app.command("query")
+@one_line_errors
+def cache_query(
+    cache_file: Annotated[Path, typer.Argument(help="A .fkv file from `fastkv cache build`.", show_default=False)],
+    questions: Annotated[
+        list[str] | None, typer.Argument(help="Questions; none: one per line from stdin.", show_default=False)
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Re-select the stored tokens down to this budget with each question [default: the file's]."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The model the cache was built with [default: from the file].")
+    ] = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    max_new_tokens: options.MaxNewTokens = 256,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = None,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Answer each question from the saved cache; the model and the cache load once."""
+    from core.engine import SavedContext
+    from core.methods import Budget
+    from core.stats import RunStats
+    from core.store import load_cache, read_manifest
+
+    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
+    reselect = None if budget is None else Budget.parse(budget)
+    manifest = read_manifest(cache_file)
+    engine = load_engine(model or manifest["model"]["spec"], device, dtype, quiet)
+    engine.check_compatible(manifest, str(cache_file))
+    start = time.perf_counter()
+    cache, manifest = load_cache(cache_file, engine.loaded.device, engine.loaded.dtype)
+    saved = SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
+    for question in questions or stdin_questions():
+        on_text = (lambda text: None) if json else stream_to_stdout
+        show(engine.query(saved, question, reselect, decoding, on_text), json, quiet)
+
+
+def stdin_questions():
+    """One question per non-empty line of stdin, until EOF."""
+    for line in sys.stdin:
+        if line.strip():
+            yield line.strip()
+
+
+@cache_app.command("info")
+@one_line_errors
+def cache_info(
+    cache_file: Annotated[Path, typer.Argument(help="A .fkv file.", show_default=False)],
+    json: options.Json = False,
+) -> None:
+    """Show what a cache holds: model, method, documents, and which pages the kept tokens come from."""
+    from core.store import describe_cache
+
+    info = describe_cache(cache_file)
+    if json:
+        print_json(info)
+    else:
+        stdout.print(cache_info_view(info))

@@ -5,13 +5,12 @@ import sys
 from contextlib import contextmanager
 from statistics import mean
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.engine import Answer
-
 stderr = Console(stderr=True)
+stdout = Console()
 MIB = 1 << 20
 
 
@@ -52,7 +51,7 @@ def seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
 
-def stats_table(answer: Answer) -> Table:
+def stats_table(answer) -> Table:
     s = answer.stats
     table = Table(title=f"{answer.model} · {answer.method}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -84,6 +83,51 @@ def stats_table(answer: Answer) -> Table:
     return table
 
 
-def print_json(answer: Answer) -> None:
-    sys.stdout.write(json.dumps(answer.to_dict(), ensure_ascii=False) + "\n")
+def print_json(data: dict) -> None:
+    """One JSON object on one line of stdout."""
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def page_bar(share: float, width: int = 20) -> str:
+    filled = round(share * width)
+    return "█" * filled + "·" * (width - filled)
+
+
+def cache_info_view(info: dict) -> Group:
+    """Manifest, sizes and per-page coverage of a .fkv file."""
+    manifest, model = info["manifest"], info["manifest"]["model"]
+    method = manifest["method"]
+    parameters = ", ".join(f"{key}={value}" for key, value in method["parameters"].items())
+    kept = info["kept_tokens_per_layer"]
+    summary = Table(show_header=False, box=None)
+    summary.add_column(style="bold")
+    summary.add_column()
+    for name, value in [
+        (
+            "model",
+            f"{model['name']} ({model['model_type']}, {model['num_layers']} layers, {model['num_kv_heads']} KV heads)",
+        ),
+        ("method", f"{method['name']} ({parameters})"),
+        ("query re-selection", manifest["query_budget"] or "none: answers use every stored token"),
+        ("steering questions", str(manifest["steering_questions"])),
+        (
+            "context tokens",
+            f"{manifest['context_tokens']:,}"
+            + (f" ({manifest['dropped_tokens']:,} dropped)" if manifest["dropped_tokens"] else ""),
+        ),
+        ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"),
+        (
+            "file",
+            f"{info['file_bytes'] / MIB:.1f} MiB, {manifest['dtype']}, format v{manifest['format_version']}, checksum ok",
+        ),
+        ("created", f"{manifest['created']} by fastkv {manifest['fastkv_version']}"),
+    ]:
+        summary.add_row(name, value)
+    pages = Table(title="share of each page's tokens kept (mean over layers and KV heads)", title_justify="left")
+    for column in ("document", "page", "tokens", "kept", ""):
+        pages.add_column(column, justify="right" if column in ("page", "tokens", "kept") else "left")
+    for document, coverage in zip(manifest["documents"], info["page_coverage"], strict=True):
+        for page, ((start, end), share) in enumerate(zip(document["page_token_spans"], coverage, strict=True), 1):
+            pages.add_row(document["name"], str(page), f"{end - start:,}", f"{share:.0%}", page_bar(share))
+    return Group(summary, pages)

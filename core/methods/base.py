@@ -7,7 +7,7 @@ it never branches on a method's type.
 """
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -93,9 +93,16 @@ class Method:
     name: ClassVar[str] = "base"
     propagates: ClassVar[bool] = False  # deeper layers may run on fewer tokens
     needs_full_prefill: ClassVar[bool] = False  # compresses only after an exact prefill
+    restarts: ClassVar[bool] = False  # prefills a token subset again with new positions
 
     def select(self, layer: LayerInput) -> Selection:
         return Selection()
+
+    def steered(self, context_len: int, extra: int) -> "Method":
+        """This method for a prompt of `context_len` tokens followed by `extra` steering tokens
+        that act as the scoring window and are dropped afterwards (their count comes on top of
+        every budget)."""
+        return self
 
     @property
     def budget_label(self) -> str | None:
@@ -103,4 +110,6 @@ class Method:
         return None if budget is None else str(budget)
 
     def parameters(self) -> dict:
-        return {key: str(value) if isinstance(value, Budget) else value for key, value in asdict(self).items()}
+        """The method's settings as JSON-ready values (budgets as their CLI spelling)."""
+        values = {item.name: getattr(self, item.name) for item in fields(self)}
+        return {key: str(value) if isinstance(value, Budget) else value for key, value in values.items()}

@@ -2,7 +2,7 @@
 Token-Selective Propagation: from `tsp_layer` on, the model runs only on the tokens the window
 attends to most (summed over all KV heads), with their original positions."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from core.errors import InputError
@@ -23,6 +23,12 @@ class FastKV(SnapKV):
         self.tsp_rate = Budget.parse(self.tsp_rate, "--tsp-rate")
         if self.tsp_layer is not None and self.tsp_layer < 0:
             raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
+
+    def steered(self, context_len: int, extra: int) -> "FastKV":
+        if not extra:
+            return self
+        propagated = max(self.tsp_rate.tokens(context_len), self.window)
+        return replace(super().steered(context_len, extra), tsp_rate=Budget(propagated + extra, proportional=False))
 
     def tsp_layer_for(self, num_layers: int) -> int:
         layer = num_layers // 2 - 1 if self.tsp_layer is None else self.tsp_layer

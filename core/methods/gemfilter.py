@@ -14,6 +14,7 @@ from core.methods.base import Budget, LayerInput, Method, Selection, top_tokens
 @dataclass
 class GemFilter(Method):
     name: ClassVar[str] = "gemfilter"
+    restarts: ClassVar[bool] = True
     budget: Budget = field(default_factory=lambda: Budget(0.1, proportional=True))
     filter_layer: int | None = None  # None: the middle layer, num_layers // 2 - 1
     kernel: int = 5

@@ -8,14 +8,15 @@ POOLINGS = ("avgpool", "maxpool")
 
 
 def window_scores(q: Tensor, k: Tensor, window: int, pooling: str = "avgpool", kernel: int = 7) -> Tensor:
-    """How much the last `window` queries attend to each earlier token, one row per KV head.
+    """How much the last `window` queries attend to each earlier key, one row per KV head.
 
-    q: [heads, n, d], k: [kv_heads, n, d] -> [kv_heads, n - window]. Softmax in fp32 over all keys
-    with a causal mask inside the window; sum over the window queries; pool along the sequence;
-    sum the query heads of each GQA group.
+    q: [heads, >= window, d] (its last `window` rows are the window, the last `window` keys are
+    theirs), k: [kv_heads, n, d] -> [kv_heads, n - window]. Softmax in fp32 over all keys with a
+    causal mask inside the window; sum over the window queries; pool along the keys; sum the
+    query heads of each GQA group.
     """
-    heads, n, d = q.shape
-    kv_heads = k.shape[0]
+    heads, d = q.shape[0], q.shape[-1]
+    kv_heads, n = k.shape[0], k.shape[1]
     group = heads // kv_heads
     q_window = q[:, -window:].float().view(kv_heads, group, window, d)
     logits = q_window @ k.float().unsqueeze(1).transpose(-1, -2) / d**0.5  # [kv_heads, group, window, n]

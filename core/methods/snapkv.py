@@ -1,7 +1,7 @@
 """SnapKV (Li et al., arXiv 2404.14469): exact prefill, then per layer and KV head keep the tokens the
 last window of queries attends to most, plus the window itself."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from torch import Tensor
@@ -28,6 +28,12 @@ class SnapKV(Method):
             raise InputError(f"the pooling kernel must be odd and positive, got {self.kernel}")
         if self.pooling not in POOLINGS:
             raise InputError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
+
+    def steered(self, context_len: int, extra: int) -> "SnapKV":
+        if not extra:
+            return self
+        kept = max(self.budget.tokens(context_len), self.window)
+        return replace(self, window=extra, budget=Budget(kept + extra, proportional=False))
 
     def kept_count(self, layer: LayerInput) -> int | None:
         """Tokens this layer caches per KV head; None when everything fits the budget."""

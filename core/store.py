@@ -1,0 +1,195 @@
+"""Save and load the compressed cache as one safetensors file (.fkv) with a JSON manifest.
+
+Loading never unpickles: safetensors holds only raw tensors and a string header. Every field of
+the manifest is checked, the tensor data is checksummed, and writes are atomic.
+See docs/cache-format.md for the format.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from core.atomic import write_bytes_atomic
+from core.errors import CacheFileError, InputError
+from core.kvcache import KVCache, LayerKV, page_coverage
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "fastkv.manifest"
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# field -> type, or a nested schema; lists of dicts give the schema of one element.
+MANIFEST_SCHEMA = {
+    "format_version": int,
+    "fastkv_version": str,
+    "created": str,
+    "model": {
+        "name": str,
+        "spec": (str, type(None)),
+        "model_type": str,
+        "num_layers": int,
+        "num_heads": int,
+        "num_kv_heads": int,
+        "head_dim": int,
+        "hidden_size": int,
+        "vocab_size": int,
+        "weights_sha256": str,
+    },
+    "tokenizer_sha256": str,
+    "method": {"name": str, "parameters": dict},
+    "query_budget": (str, type(None)),
+    "steering_questions": int,
+    "context_tokens": int,
+    "dropped_tokens": int,
+    "template": {"question_prefix": str, "tail": str},
+    "documents": [{"name": str, "size": int, "sha256": str, "pages": int, "tokens": int, "page_token_spans": list}],
+    "dtype": str,
+    "tensors_sha256": str,
+}
+
+
+def check_manifest(value, schema=MANIFEST_SCHEMA, where: str = "manifest") -> None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise CacheFileError(f"{where} should be an object")
+        for key, field_schema in schema.items():
+            if key not in value:
+                raise CacheFileError(f"{where}.{key} is missing")
+            check_manifest(value[key], field_schema, f"{where}.{key}")
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            raise CacheFileError(f"{where} should be a list")
+        for i, item in enumerate(value):
+            check_manifest(item, schema[0], f"{where}[{i}]")
+    elif not isinstance(value, schema) or (isinstance(value, bool) and schema is int):
+        expected = " or ".join(t.__name__ for t in schema) if isinstance(schema, tuple) else schema.__name__
+        raise CacheFileError(f"{where} should be {expected}, not {type(value).__name__}")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_tensors(cache: KVCache, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        tensors[f"layers.{i}.keys"] = layer.keys.to(dtype).contiguous().cpu()
+        tensors[f"layers.{i}.values"] = layer.values.to(dtype).contiguous().cpu()
+        tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
+    return tensors
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse an output path before any work is done, not after a long prefill."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; -o takes a file path")
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; pass --force to overwrite it")
+    if not path.parent.exists():
+        raise InputError(f"{path.parent}: no such directory")
+
+
+def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
+    """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
+    if dtype not in CACHE_DTYPES:
+        raise InputError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got '{dtype}'")
+    check_target(path, force)
+    tensors = cache_tensors(cache, CACHE_DTYPES[dtype])
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype, "tensors_sha256": tensors_sha256(tensors)}
+    check_manifest(manifest)
+    data = save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
+    write_bytes_atomic(path, data)
+    return len(data)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest alone (for `cache info` and compatibility checks), validated."""
+    with open_cache(path) as f:
+        return parse_manifest(path, f.metadata())
+
+
+def load_cache(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[KVCache, dict]:
+    """Load and verify a .fkv file -> (cache on `device` in `dtype`, manifest)."""
+    with open_cache(path) as f:
+        manifest = parse_manifest(path, f.metadata())
+        try:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as error:  # safetensors raises its own error types on damaged data
+            raise CacheFileError(f"{path}: damaged tensor data ({error})") from None
+    if tensors_sha256(tensors) != manifest["tensors_sha256"]:
+        raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
+    layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
+    cache = KVCache(layers, manifest["context_tokens"])
+    return cache, manifest
+
+
+def open_cache(path: Path):
+    if not path.is_file():
+        raise CacheFileError(f"{path}: no such cache file")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # not safetensors, truncated header, bad JSON header, ...
+        raise CacheFileError(f"{path}: not a fastkv cache file (not readable as safetensors: {error})") from None
+
+
+def parse_manifest(path: Path, metadata: dict | None) -> dict:
+    if not metadata or MANIFEST_KEY not in metadata:
+        raise CacheFileError(f"{path}: a safetensors file, but not a fastkv cache (no manifest)")
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except json.JSONDecodeError:
+        raise CacheFileError(f"{path}: the manifest is not valid JSON") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads version {FORMAT_VERSION}")
+    try:
+        check_manifest(manifest)
+    except CacheFileError as error:
+        raise CacheFileError(f"{path}: {error}") from None
+    if manifest["dtype"] not in CACHE_DTYPES:
+        raise CacheFileError(f"{path}: unknown tensor dtype '{manifest['dtype']}' in the manifest")
+    return manifest
+
+
+def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> list[LayerKV]:
+    model = manifest["model"]
+    expected_names = {
+        f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")
+    }
+    if set(tensors) != expected_names:
+        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers")
+    layers = []
+    for i in range(model["num_layers"]):
+        keys, values, positions = (tensors[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
+        n = keys.shape[1] if keys.dim() == 3 else -1
+        expected = (model["num_kv_heads"], n, model["head_dim"])
+        if tuple(keys.shape) != expected or tuple(values.shape) != expected or tuple(positions.shape) != expected[:2]:
+            raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
+        if positions.dtype != torch.int32 or keys.dtype != CACHE_DTYPES[manifest["dtype"]]:
+            raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
+        if n and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
+            raise CacheFileError(f"{path}: layer {i} has positions outside the context")
+        layers.append(LayerKV(keys, values, positions))
+    return layers
+
+
+def describe_cache(path: Path) -> dict:
+    """What `cache info` shows: the verified manifest, sizes, and per-page share of kept tokens."""
+    cache, manifest = load_cache(path)
+    return {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "manifest": manifest,
+        "kept_tokens_per_layer": cache.kept_tokens_per_layer,
+        "page_coverage": [page_coverage(cache, document["page_token_spans"]) for document in manifest["documents"]],
+    }
