@@ -63,6 +63,16 @@ def document_summaries(documents: list[Document], context: Context) -> list[dict
     ]
 
 
+def query_reselection(manifest: dict, budget: Budget | None, question_tokens: int) -> SnapKV | None:
+    """Two-stage selection: the question's own tokens score the stored ones and keep `budget`
+    (default: the file's query budget); None when answers should use every stored token."""
+    if budget is None and manifest["query_budget"] is not None:
+        budget = Budget.parse(manifest["query_budget"])
+    if budget is None:
+        return None
+    return SnapKV(budget, window=question_tokens, pooling=manifest["method"]["parameters"].get("pooling", "maxpool"))
+
+
 class Engine:
     """A loaded model with its runner and prompt template; reused for every question in a process."""
 
@@ -211,14 +221,7 @@ class Engine:
             )
         stats.tokenize_s = clock.lap()
         cache = saved.cache.clone()
-        budget = budget or (manifest["query_budget"] and Budget.parse(manifest["query_budget"]))
-        reselect = (
-            None
-            if budget is None
-            else SnapKV(
-                budget, window=len(question_ids), pooling=manifest["method"]["parameters"].get("pooling", "avgpool")
-            )
-        )
+        reselect = query_reselection(manifest, budget, len(question_ids))
         logits = self.runner.extend(cache, self.tensor(question_ids), reselect)
         stats.prefill_s = clock.lap()
         stats.context_tokens = cache.seq_len
@@ -227,7 +230,7 @@ class Engine:
         stats.ttft_s += stats.cache_load_s or 0.0
         documents = [{key: doc[key] for key in ("name", "sha256", "pages", "tokens")} for doc in manifest["documents"]]
         method = manifest["method"]
-        label = str(budget) if budget else method["parameters"].get("budget")
+        label = str(reselect.budget) if reselect else method["parameters"].get("budget")
         return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)
 
     def record_cache(self, stats: RunStats, cache: KVCache) -> None:

@@ -18,7 +18,7 @@ class SnapKV(Method):
     budget: Budget = field(default_factory=lambda: Budget(0.1, proportional=True))
     window: int = 8
     kernel: int = 7
-    pooling: str = "avgpool"
+    pooling: str = "maxpool"
 
     def __post_init__(self):
         self.budget = Budget.parse(self.budget)
