@@ -116,11 +116,18 @@ def load_model(
     else:
         folder, name = Path(spec).expanduser(), spec
         if not folder.is_dir():
+            if looks_like_path(spec):
+                raise ModelError(f"{spec}: no such model folder")
             folder = snapshot_from_hub(spec)
     torch_device = resolve_device(device)
     loaded = load_folder(folder, name, torch_device, resolve_dtype(dtype, torch_device))
     loaded.spec = spec
     return loaded
+
+
+def looks_like_path(spec: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else the user typed is meant as a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
 def snapshot_from_hub(model_id: str) -> Path:

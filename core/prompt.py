@@ -92,6 +92,8 @@ def fit_context(context: Context, room: int, window: int, extra: int, truncate: 
 
     `extra` (question + answer tokens) and `window` only shape the error message.
     """
+    if truncate is not None and truncate not in TRUNCATE_MODES:
+        raise InputError(f"unknown --truncate mode '{truncate}' (choose from {', '.join(TRUNCATE_MODES)})")
     overflow = len(context.ids) - room
     if overflow <= 0:
         return context
@@ -101,8 +103,6 @@ def fit_context(context: Context, room: int, window: int, extra: int, truncate: 
             f"{extra:,} for the question and answer) but the model's window is {window:,}; "
             f"pass --truncate middle to drop {overflow:,} tokens from the middle of the documents"
         )
-    if truncate not in TRUNCATE_MODES:
-        raise InputError(f"unknown --truncate mode '{truncate}' (choose from {', '.join(TRUNCATE_MODES)})")
     first = context.page_token_spans[0][0][0]
     last = context.page_token_spans[-1][-1][1]
     if last - first <= overflow:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from core.errors import FastKVError, InputError
 from fastkv_cli import options
@@ -41,7 +42,7 @@ def one_line_errors(command):
         except FastKVError as error:
             if debug:
                 raise
-            stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            stderr.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted", highlight=False)
@@ -53,7 +54,7 @@ def one_line_errors(command):
             if debug:
                 raise
             stderr.print(
-                f"[red]internal error:[/red] {type(error).__name__}: {error} (FASTKV_DEBUG=1 shows the traceback)",
+                f"[red]internal error:[/red] {escape(f'{type(error).__name__}: {error}')} (FASTKV_DEBUG=1 shows the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )

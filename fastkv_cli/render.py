@@ -28,12 +28,11 @@ def progress_reporter(quiet: bool):
         TimeElapsedColumn(),
         console=stderr,
         transient=True,
+        disable=quiet or not stderr.is_interactive,
     )
     tasks: dict[str, int] = {}
 
     def report(step: str, done: int, total: int) -> None:
-        if quiet:
-            return
         if step not in tasks:
             tasks[step] = bars.add_task(step, total=total or None)
             bars.start()

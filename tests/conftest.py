@@ -1,0 +1,56 @@
+"""Session fixtures: tiny random models of every supported family, a tiny tokenizer, saved model folders."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import (
+    CLI_WINDOW,
+    FAMILIES,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    save_tiny_gpt2,
+    save_tiny_llama,
+)
+
+torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead, badly so on a shared machine
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict:
+    """Every family's tiny model (tests.tiny_models.FAMILIES), each with its own seed, built once."""
+    return {family: build_tiny_model(family, seed) for seed, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def tiny_model(request, tiny_models):
+    """Parametrizes a test over llama, mistral, qwen2, qwen3 and a llama with llama3 rope scaling."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@dataclass(frozen=True)
+class TinyModelFolder:
+    path: Path
+    window: int  # its context window (max_position_embeddings)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, tiny_tokenizer) -> TinyModelFolder:
+    """A saved tiny Llama + tokenizer for `fastkv ... --model FOLDER`."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(folder, tiny_tokenizer, CLI_WINDOW)
+    return TinyModelFolder(folder, CLI_WINDOW)
+
+
+@pytest.fixture(scope="session")
+def unsupported_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    save_tiny_gpt2(folder, tiny_tokenizer)
+    return folder
