@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -41,7 +41,6 @@ class Answer:
     budget: str | None
     documents: list[dict]  # name, sha256, pages, tokens
     stats: RunStats
-    tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The stable `--json` schema: fields are added over time, never renamed."""
@@ -154,7 +153,7 @@ class Engine:
                 f"--method {method.name} re-prefills with new positions; a saved cache needs original positions"
             )
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
-        context = self.context(documents, reserved, truncate)
+        context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate)
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         stats.tokenize_s = clock.lap()
         prefill = self.runner.prefill(
@@ -250,6 +249,7 @@ class Engine:
         tokens = generate(
             self.runner, cache, logits, decoding.max_new_tokens, self.stop_ids, decoding.sampling, on_token
         )
+        stream.close()
         end = time.perf_counter()
         stats.new_tokens = len(tokens)
         stats.ttft_s = (first_token_at[0] if first_token_at else end) - clock.start

@@ -72,6 +72,13 @@ class TextStream:
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
 
+    def close(self) -> None:
+        """Emit what is still held back: an answer may end inside a multi-byte character."""
+        text = self.text
+        if len(text) > self.emitted:
+            self.on_text(text[self.emitted :])
+            self.emitted = len(text)
+
 
 def stop_token_ids(model, tokenizer) -> set[int]:
     ids = set()

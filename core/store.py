@@ -97,10 +97,14 @@ def check_target(path: Path, force: bool) -> None:
         raise InputError(f"{path.parent}: no such directory")
 
 
-def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
-    """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
+def check_cache_dtype(dtype: str) -> None:
     if dtype not in CACHE_DTYPES:
         raise InputError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got '{dtype}'")
+
+
+def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
+    """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
+    check_cache_dtype(dtype)
     check_target(path, force)
     tensors = cache_tensors(cache, CACHE_DTYPES[dtype])
     manifest = {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype, "tensors_sha256": tensors_sha256(tensors)}
@@ -139,7 +143,27 @@ def open_cache(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as error:  # not safetensors, truncated header, bad JSON header, ...
+        if expected := declared_size(path):
+            if expected > path.stat().st_size:
+                raise CacheFileError(
+                    f"{path}: truncated ({path.stat().st_size:,} of {expected:,} bytes); rebuild it"
+                ) from None
         raise CacheFileError(f"{path}: not a fastkv cache file (not readable as safetensors: {error})") from None
+
+
+def declared_size(path: Path) -> int | None:
+    """The size a safetensors header says its file has (None: no readable header), to tell a
+    truncated cache from a file that never was one."""
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = f.read(min(header_len, 100 << 20))
+    if len(header) < header_len:
+        return 8 + header_len if header.startswith(b'{"') else None
+    try:
+        entries = json.loads(header)
+        return 8 + header_len + max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
 
 
 def parse_manifest(path: Path, metadata: dict | None) -> dict:
@@ -175,10 +199,13 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         expected = (model["num_kv_heads"], n, model["head_dim"])
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or tuple(positions.shape) != expected[:2]:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
-        if positions.dtype != torch.int32 or keys.dtype != CACHE_DTYPES[manifest["dtype"]]:
+        stored = CACHE_DTYPES[manifest["dtype"]]
+        if positions.dtype != torch.int32 or keys.dtype != stored or values.dtype != stored:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
         if n and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
             raise CacheFileError(f"{path}: layer {i} has positions outside the context")
+        if not (positions[:, 1:] > positions[:, :-1]).all():
+            raise CacheFileError(f"{path}: layer {i} has positions out of order")
         layers.append(LayerKV(keys, values, positions))
     return layers
 

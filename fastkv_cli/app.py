@@ -179,9 +179,10 @@ def cache_build(
 ) -> None:
     """Prefill DOCUMENTS once (compressed) and save the cache to OUTPUT for later `cache query`."""
     from core.methods import Budget, make_method
-    from core.store import check_target, save_cache
+    from core.store import check_cache_dtype, check_target, save_cache
 
     check_target(output, force)
+    check_cache_dtype(cache_dtype)
     selection = make_method(
         method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window
     )
