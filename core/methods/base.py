@@ -7,7 +7,7 @@ it never branches on a method's type.
 """
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -45,7 +45,8 @@ class Budget:
         return cls(fraction, proportional=True)
 
     def tokens(self, context_len: int) -> int:
-        return int(context_len * self.value) if self.proportional else int(self.value)
+        # round first: 0.29 * 100 is 28.999999999999996 in floating point
+        return int(round(context_len * self.value, 6)) if self.proportional else int(self.value)
 
     def __str__(self) -> str:
         return f"{self.value * 100:g}%" if self.proportional else str(int(self.value))
@@ -113,3 +114,56 @@ class Method:
         """The method's settings as JSON-ready values (budgets as their CLI spelling)."""
         values = {item.name: getattr(self, item.name) for item in fields(self)}
         return {key: str(value) if isinstance(value, Budget) else value for key, value in values.items()}
+
+
+def check_window_and_kernel(window: int, kernel: int) -> None:
+    if window < 1:
+        raise InputError(f"--window must be at least 1, got {window}")
+    if kernel < 1 or kernel % 2 == 0:
+        raise InputError(f"the pooling kernel must be odd and positive, got {kernel}")
+
+
+@dataclass
+class ScoredMethod(Method):
+    """Per layer and KV head, keep the `budget` best-scored tokens, the last `window` among them.
+
+    Subclasses only say how tokens score (`scores`) and, optionally, how many propagate.
+    """
+
+    budget: Budget = field(default_factory=lambda: Budget(0.1, proportional=True))
+    window: int = 8
+
+    def __post_init__(self):
+        self.budget = Budget.parse(self.budget)
+        if self.window < 1:
+            raise InputError(f"--window must be at least 1, got {self.window}")
+
+    def scores(self, layer: LayerInput) -> Tensor:
+        """[kv_heads, present - window]: higher is kept first."""
+        raise NotImplementedError
+
+    def steered(self, context_len: int, extra: int) -> "ScoredMethod":
+        if not extra:
+            return self
+        kept = max(self.budget.tokens(context_len), self.window)
+        return replace(self, window=extra, budget=Budget(kept + extra, proportional=False))
+
+    def kept_count(self, layer: LayerInput) -> int | None:
+        """Tokens this layer caches per KV head; None when everything fits the budget."""
+        count = max(self.budget.tokens(layer.context_len), self.window)
+        return count if count < layer.present else None
+
+    def propagated_count(self, layer: LayerInput) -> int | None:
+        return None
+
+    def select(self, layer: LayerInput) -> Selection:
+        kept, propagated = self.kept_count(layer), self.propagated_count(layer)
+        if kept is None and propagated is None:
+            return Selection()
+        scores = self.scores(layer)  # [kv_heads, present - window]
+        return Selection(
+            keep=None if kept is None else top_tokens(scores, kept, self.window),
+            propagate=None
+            if propagated is None
+            else top_tokens(scores.sum(0, keepdim=True), propagated, self.window)[0],
+        )

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 
 from core.errors import InputError
-from core.methods.base import Budget, LayerInput, Method, Selection, top_tokens
+from core.methods.base import Budget, LayerInput, Method, Selection, check_window_and_kernel, top_tokens
 
 
 @dataclass
@@ -24,6 +24,7 @@ class GemFilter(Method):
         self.budget = Budget.parse(self.budget)
         if self.filter_layer is not None and self.filter_layer < 0:
             raise InputError(f"--filter-layer must be >= 0, got {self.filter_layer}")
+        check_window_and_kernel(self.window, self.kernel)
 
     def select(self, layer: LayerInput) -> Selection:
         filter_layer = layer.num_layers // 2 - 1 if self.filter_layer is None else self.filter_layer
