@@ -6,15 +6,28 @@ import torch
 from torch import Tensor
 
 
-@dataclass
 class LayerKV:
-    keys: Tensor  # [kv_heads, n, head_dim], RoPE already applied
-    values: Tensor  # [kv_heads, n, head_dim]
-    positions: Tensor  # [kv_heads, n] int64, original token positions, increasing per head
+    """One layer's cache: per KV head, the kept keys, values and their original positions.
+
+    Appending writes into spare room at the end of the buffers (grown by a share of the length
+    when full), so decoding does not copy the whole cache for every new token.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor):
+        self.buffers = (keys, values, positions)  # [kv_heads, capacity, head_dim] x2, [kv_heads, capacity]
+        self.length = keys.shape[1]
 
     @property
-    def length(self) -> int:
-        return self.keys.shape[1]
+    def keys(self) -> Tensor:  # [kv_heads, n, head_dim], RoPE already applied
+        return self.buffers[0][:, : self.length]
+
+    @property
+    def values(self) -> Tensor:  # [kv_heads, n, head_dim]
+        return self.buffers[1][:, : self.length]
+
+    @property
+    def positions(self) -> Tensor:  # [kv_heads, n] int64, original token positions, increasing per head
+        return self.buffers[2][:, : self.length]
 
     @property
     def nbytes(self) -> int:
@@ -30,14 +43,29 @@ class LayerKV:
             self.keys.to(device, dtype), self.values.to(device, dtype), self.positions.to(device, torch.long)
         )
 
+    def clone(self) -> "LayerKV":
+        return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone())
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerKV":
-        """This layer followed by new tokens: keys/values [kv_heads, m, head_dim], positions [m]."""
-        heads = self.keys.shape[0]
-        return LayerKV(
-            torch.cat([self.keys, keys], dim=1),
-            torch.cat([self.values, values], dim=1),
-            torch.cat([self.positions, positions.expand(heads, -1)], dim=1),
-        )
+        """Add new tokens in place and return self: keys/values [kv_heads, m, head_dim], positions [m]."""
+        m = keys.shape[1]
+        if self.length + m > self.buffers[0].shape[1]:
+            self.grow(self.length + max(m, 256, self.length // 8))
+        end = self.length + m
+        self.buffers[0][:, self.length : end] = keys
+        self.buffers[1][:, self.length : end] = values
+        self.buffers[2][:, self.length : end] = positions
+        self.length = end
+        return self
+
+    def grow(self, capacity: int) -> None:
+        """Move into fresh buffers of `capacity` tokens (never writing into tensors we were given)."""
+        grown = []
+        for tensor in self.buffers:
+            buffer = tensor.new_empty((tensor.shape[0], capacity, *tensor.shape[2:]))
+            buffer[:, : self.length] = tensor[:, : self.length]
+            grown.append(buffer)
+        self.buffers = tuple(grown)
 
 
 @dataclass
@@ -70,8 +98,7 @@ class KVCache:
 
     def clone(self) -> "KVCache":
         """An independent copy, so one question's tokens never reach another's cache."""
-        layers = [LayerKV(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in self.layers]
-        return KVCache(layers, self.seq_len)
+        return KVCache([layer.clone() for layer in self.layers], self.seq_len)
 
 
 def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:
