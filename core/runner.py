@@ -44,6 +44,7 @@ class Runner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.flash = flash_attention(model.device, model.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -65,7 +66,21 @@ class Runner:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden]."""
+        """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden].
+
+        The queries are the last q.shape[1] of the keys' tokens: `causal` (prefill) or an explicit
+        `mask` (appended tokens) says so to SDPA; flash-attn's causal mask is aligned bottom-right,
+        which is that same mask in both cases.
+        """
+        if self.flash is not None:
+            o = self.flash(
+                q.transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                softmax_scale=layer.self_attn.scaling,
+                causal=True,
+            )  # [1, n, heads, d]
+            return layer.self_attn.o_proj(o[0].reshape(q.shape[1], -1))
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0),
             k.unsqueeze(0),
@@ -137,6 +152,17 @@ class Runner:
                     cache.layers[i] = layer_kv.select(selection.keep)
         cache.seq_len += n
         return self.logits(h[-1])
+
+
+def flash_attention(device: torch.device, dtype: torch.dtype):
+    """flash-attn's kernel where it applies (CUDA, half precision, package installed), else None (SDPA)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 def appended_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor | None:

@@ -162,3 +162,28 @@ def test_appended_mask_edge_cases():
     assert appended_mask(1, 5, torch.device("cpu")) is None  # one new token sees everything
     only_new = appended_mask(4, 4, torch.device("cpu"))  # nothing cached: plain causal
     assert torch.equal(only_new, torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def bottom_right_causal_attention(q, k, v, softmax_scale, causal):
+    """flash-attn's flash_attn_func contract on [batch, n, heads, d] tensors, GQA by head groups,
+    with the causal mask aligned bottom-right, written with plain matmuls."""
+    assert causal
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [heads, n, d]
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    n_q, n_k = q.shape[1], k.shape[1]
+    visible = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+    scores = (q @ k.transpose(-1, -2) * softmax_scale).masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1).unsqueeze(0)
+
+
+def test_flash_attention_layout_matches_sdpa(tiny_model):
+    """The flash-attn path (CUDA only in real use) passes tensors in its layout and relies on its
+    bottom-right causal mask; a plain implementation of that contract must give SDPA's results,
+    for a prefill and for tokens appended to a cache."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    sdpa, flash = Runner(tiny_model), Runner(tiny_model)
+    flash.flash = bottom_right_causal_attention
+    expected, got = sdpa.prefill(ids[:30]), flash.prefill(ids[:30])
+    assert (expected.logits - got.logits).abs().max() < 1e-4
+    assert (sdpa.extend(expected.cache, ids[30:]) - flash.extend(got.cache, ids[30:])).abs().max() < 1e-4
