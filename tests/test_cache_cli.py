@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from core.store import load_cache, read_manifest
 from fastkv_cli.app import app
+from tests.json_schema import SCHEMA, STATS_KEYS
 from tests.pdfs import make_text_pdf
 from tests.tiny_models import save_tiny_llama
 
@@ -19,21 +20,6 @@ PDF_PAGES = ["The keeper logged 41 ships in 1871.\nThe lamp burned colza oil.", 
 DOC_NAMES = ["logbook.pdf", "notes.txt"]  # `built` names them relative to their folder: the same prompt every run
 NOTES = "The Harrow Point lighthouse was automated in 1987.\nThomas Arkwright Bell designed the tower.\n"
 MAX_NEW = 4
-SCHEMA = {"question", "answer", "model", "method", "budget", "documents", "stats"}
-STATS_KEYS = {
-    "load_s",
-    "read_s",
-    "tokenize_s",
-    "cache_load_s",
-    "prefill_s",
-    "ttft_s",
-    "decode_tokens_per_s",
-    "new_tokens",
-    "context_tokens",
-    "kv_bytes_full",
-    "kv_bytes_kept",
-    "kept_tokens_per_layer",
-}
 
 
 @pytest.fixture(autouse=True)

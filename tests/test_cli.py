@@ -13,28 +13,13 @@ from typer.testing import CliRunner
 from core.documents import read_document
 from core.prompt import Context, PromptTemplate, encode_context, encode_question
 from fastkv_cli.app import app
+from tests.json_schema import DOCUMENT_KEYS, SCHEMA, STATS_KEYS
 from tests.pdfs import make_blank_pdf, make_encrypted_pdf, make_text_pdf
 from tests.tiny_models import fastkv_command
 
 QUESTION = "When was the lighthouse automated?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThomas Arkwright Bell designed the tower.\n"
 MAX_NEW = 4
-SCHEMA = {"question", "answer", "model", "method", "budget", "documents", "stats"}
-DOCUMENT_KEYS = {"name", "sha256", "pages", "tokens"}
-STATS_KEYS = {
-    "load_s",
-    "read_s",
-    "tokenize_s",
-    "cache_load_s",
-    "prefill_s",
-    "ttft_s",
-    "decode_tokens_per_s",
-    "new_tokens",
-    "context_tokens",
-    "kv_bytes_full",
-    "kv_bytes_kept",
-    "kept_tokens_per_layer",
-}
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
