@@ -1,9 +1,11 @@
 # Set-up, demo and tests on a fresh machine: `make demo`, `make test`.
+# `make bench-model` fetches the benchmark model (Qwen2.5-Coder-0.5B-Instruct GGUF, ~491 MB, sha256-checked)
+# into the user cache once and prints its path as the last line: fastkv ... --model "$(make -s bench-model)".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 QUESTION ?= In which year was the Harrow Point lighthouse automated?
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo test test-fast lint bench-model
 
 setup: $(VENV)/.installed
 
@@ -24,6 +26,9 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
+
+bench-model: setup
+	$(PY) scripts/bench_model.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from core.atomic import write_bytes_atomic
 from core.errors import FastKVError, ModelError
+from core.files import file_sha256, user_cache_dir
 from core.progress import Progress, no_progress
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -51,11 +52,6 @@ class LoadedModel:
         if sliding and getattr(self.config, "use_sliding_window", True):
             window = min(window, sliding)
         return window
-
-
-def user_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "fastkv"
 
 
 def embedded_gguf_path() -> Path:
@@ -159,14 +155,6 @@ def load_folder(folder: Path, name: str, device: torch.device, dtype: torch.dtyp
 
 def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def gguf_sha256(path: Path, cache_dir: Path) -> str:
