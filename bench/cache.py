@@ -1,6 +1,6 @@
 """Saved caches: time to first token of `cache query` against re-running a full prefill, file sizes, load times.
 
-python bench/cache.py [--tokens 7680] [--repeats 3] [--budget 10%] [--stored 30%] [--model M] [--no-write]
+python bench/cache.py [--tokens 7500] [--repeats 3] [--budget 10%] [--stored 30%] [--model M] [--no-write]
 """
 
 import argparse
@@ -20,7 +20,7 @@ from core.methods import Budget, make_method
 from core.stats import RunStats
 from core.store import load_cache, save_cache
 
-DEFAULT_TOKENS = 7680
+DEFAULT_TOKENS = 7500  # what fits the 8K window with the 256 tokens a saved context leaves for a question
 DEFAULT_REPEATS = 3
 QUESTION = "How long does a licensee have to cure a violation after being notified?"
 FIRST_TOKEN = Decoding(max_new_tokens=1)

@@ -20,7 +20,7 @@ from core.prompt import Context, PromptTemplate, encode_context, encode_question
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
 
-QUESTION_RESERVE = 512  # tokens a saved context leaves free in the window for a question and its answer
+QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
 
 @dataclass
