@@ -1,0 +1,503 @@
+"""Accuracy of every method and budget on passkey retrieval and document QA, query-aware and from saved caches.
+
+python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
+    [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680] [--modes ask agnostic two-stage]
+    [--limit N] [--model M] [--no-write]
+
+Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
+license texts at each prompt length, scored by exact digits; `docqa`, about 50 short factual questions on
+the shipped license texts and examples/lighthouse.md (bench/tasks/docqa.jsonl), scored by normalised
+substring match and token F1.
+
+Modes: `ask` puts the question at the end of the prompt (query-aware, as `fastkv ask`); `agnostic`
+builds a saved cache at the budget without the question, then appends it (`fastkv cache build` +
+`cache query`); `two-stage` builds at min(100%, 3 x budget) and lets each question re-select down to
+the budget (`--query-budget`). gemfilter re-prefills with new positions, so it has no saved cache.
+Fidelity compares every answer with fullkv's `ask` answer to the same question: the share of equal
+greedy answers, and KL(fullkv || method) of the first answer token's distribution. It measures the
+compression itself, also where the small model answers wrongly.
+
+Speed tricks, all exact (tests/test_bench_accuracy.py checks caches and logits bit for bit):
+- answers are short: greedy decoding stops after --max-new-tokens (24);
+- one recorded full prefill per prompt gives fullkv, snapkv and streamingllm at every budget and
+  gemfilter's first pass (its re-prefill of the chosen tokens runs for real); one recorded fastkv
+  prefill gives fastkv at every budget (bench/tasks/replay.py explains why);
+- saved caches are built once per document and budget, and every question of it queries a copy.
+Prefill seconds of a replayed method are the recorded prefill's plus that method's own selection.
+"""
+
+import argparse
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from common import ROOT, Table, cell, reduced_run, write_section
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tasks import Item, docqa, passkey
+from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings
+from tasks.scoring import Score, score
+from torch import Tensor
+
+from core.engine import Engine, SavedContext, query_reselection
+from core.errors import FastKVError
+from core.generation import Decoding, generate
+from core.kvcache import KVCache
+from core.methods import METHODS, Budget, Method, make_method
+from core.methods.fullkv import FullKV
+from core.prompt import encode_question
+
+TASKS = ("passkey", "docqa")
+DEFAULT_METHODS = ["fullkv", "fastkv", "snapkv", "streamingllm", "gemfilter"]
+DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%"]
+DEFAULT_LENGTHS = [1024, 2048, 4096, 7680]
+MODES = ("ask", "agnostic", "two-stage")
+MAX_NEW_TOKENS = 24
+STORED_FACTOR = 3.0
+TARGET_BUDGET = "20%"
+PLOT = ROOT / "docs" / "accuracy.png"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one answer is produced: mode, method and final budget (None: fullkv)."""
+
+    mode: str
+    method: str
+    budget: Budget | None = None
+
+    @property
+    def budget_label(self) -> str:
+        return "—" if self.budget is None else str(self.budget)
+
+
+REFERENCE = Variant("ask", "fullkv")  # every answer's fidelity is measured against it
+
+
+@dataclass
+class Outcome:
+    item: Item
+    variant: Variant
+    answer: str
+    score: Score
+    same: bool  # greedy answer equal to fullkv's ask answer
+    kl: float  # KL(fullkv ask || this) of the first answer token's distribution
+    prefill_s: float  # ask: context + question; saved modes: the document's build
+
+
+@dataclass(frozen=True)
+class Reference:
+    """fullkv's ask answer to one item: its text and first-token logits [vocab]."""
+
+    text: str
+    logits: Tensor
+
+
+@dataclass(frozen=True)
+class Settings:
+    variants: list[Variant]
+    decoding: Decoding
+    stored_factor: float
+
+
+def stored_budget(budget: Budget, factor: float) -> Budget:
+    """What a two-stage cache stores for a final `budget`: factor x budget, at most the whole context."""
+    if budget.proportional:
+        return Budget(min(1.0, budget.value * factor), proportional=True)
+    return Budget(int(budget.value * factor), proportional=False)
+
+
+def variant_methods(variant: Variant, factor: float) -> tuple[Method, Budget | None]:
+    """The method to prefill or build with, and the budget a saved cache's query re-selects to."""
+    if variant.budget is None:
+        return FullKV(), None
+    if variant.mode == "two-stage":
+        return make_method(variant.method, budget=stored_budget(variant.budget, factor)), variant.budget
+    return make_method(variant.method, budget=variant.budget), None
+
+
+def plan(methods: list[str], budgets: list[Budget], modes: list[str]) -> list[Variant]:
+    """fullkv ask first (always: it is the reference), then every method, budget and mode asked for."""
+    variants = [REFERENCE]
+    for mode in modes:
+        usable = [m for m in methods if m != "fullkv" and not (mode != "ask" and METHODS[m].restarts)]
+        variants += [Variant(mode, method, budget) for method in usable for budget in budgets]
+    return variants
+
+
+def kl_divergence(reference: Tensor, logits: Tensor) -> float:
+    """KL(softmax(reference) || softmax(logits)) in float64, logits [vocab]."""
+    p, q = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def outcome(item: Item, variant: Variant, text: str, logits: Tensor, seconds: float, ref: Reference) -> Outcome:
+    return Outcome(
+        item,
+        variant,
+        text,
+        score(item.task, text, item.answers),
+        text == ref.text,
+        kl_divergence(ref.logits, logits),
+        seconds,
+    )
+
+
+def decode(engine: Engine, cache: KVCache, logits: Tensor, decoding: Decoding) -> str:
+    """The greedy answer, as engine.ask/query would print it; decoding appends to `cache`."""
+    tokens = generate(engine.runner, cache, logits, decoding.max_new_tokens, engine.stop_ids, decoding.sampling)
+    return engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def question_ids(engine: Engine, question: str) -> list[int]:
+    return encode_question(engine.loaded.tokenizer, engine.template, question)
+
+
+def ask_ids(engine: Engine, item: Item, decoding: Decoding) -> Tensor:
+    """The prompt engine.ask prefills: the document's context, then the question [L]."""
+    question = question_ids(engine, item.question)
+    context = engine.context([item.document], len(question) + decoding.max_new_tokens, None)
+    return engine.tensor(context.ids + question)
+
+
+def query(engine: Engine, saved: SavedContext, question: str, decoding: Decoding) -> tuple[str, Tensor]:
+    """engine.query's steps, keeping the first token's logits: append the question to a fresh copy of
+    the saved cache (re-selecting to the query budget), then decode."""
+    ids = question_ids(engine, question)
+    cache = saved.cache.clone()
+    logits = engine.runner.extend(cache, engine.tensor(ids), query_reselection(saved.manifest, None, len(ids)))
+    return decode(engine, cache, logits, decoding), logits
+
+
+def run_ask(
+    engine: Engine, item: Item, settings: Settings, advance: Callable[[], None]
+) -> tuple[list[Outcome], Reference]:
+    """Every ask variant of one item, REFERENCE first, from at most two recorded prefills."""
+    ids = ask_ids(engine, item, settings.decoding)
+    recording_for = shared_recordings(partial(record_prefill, engine.runner, ids))
+    outcomes, ref = [], None
+    for variant in (v for v in settings.variants if v.mode == "ask"):
+        method, _ = variant_methods(variant, settings.stored_factor)
+        prefill, seconds = replay(engine.runner, recording_for(method), method)
+        text = decode(engine, prefill.cache.clone(), prefill.logits, settings.decoding)
+        ref = ref or Reference(text, prefill.logits)
+        outcomes.append(outcome(item, variant, text, prefill.logits, seconds, ref))
+        advance()
+    return outcomes, ref
+
+
+def run_saved(
+    engine: Engine, items: list[Item], refs: list[Reference], settings: Settings, advance: Callable[[], None]
+) -> list[Outcome]:
+    """Every saved-cache variant for the items of one document: one build per variant, one query per item."""
+    reserved = max(len(question_ids(engine, item.question)) for item in items) + settings.decoding.max_new_tokens
+    recording_for = shared_recordings(partial(record_build, engine, [items[0].document], reserved=reserved))
+    outcomes = []
+    for variant in (v for v in settings.variants if v.mode != "ask"):
+        method, query_budget = variant_methods(variant, settings.stored_factor)
+        saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
+        for item, ref in zip(items, refs, strict=True):
+            text, logits = query(engine, saved, item.question, settings.decoding)
+            outcomes.append(outcome(item, variant, text, logits, saved.stats.prefill_s, ref))
+            advance()
+    return outcomes
+
+
+def groups(items: list[Item]) -> list[list[Item]]:
+    """Items sharing a document, in order of first appearance."""
+    by_group: dict[str, list[Item]] = {}
+    for item in items:
+        by_group.setdefault(item.group, []).append(item)
+    return list(by_group.values())
+
+
+def run(engine: Engine, items: list[Item], settings: Settings) -> list[Outcome]:
+    """Every variant of every item, document by document, with a progress bar weighted by document size."""
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    total = sum(len(item.document.text) for item in items) * len(settings.variants)
+    outcomes: list[Outcome] = []
+    console = Console(stderr=True)
+    console.print(f"{len(items)} questions × {len(settings.variants)} method/budget/mode variants")
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("accuracy", total=total)
+        for group in groups(items):
+            size = len(group[0].document.text)
+            bar.update(task, description=f"{group[0].task}: {group[0].group}")
+            advance = partial(bar.advance, task, size)
+            refs = []
+            for item in group:
+                asked, ref = run_ask(engine, item, settings, advance)
+                outcomes += asked
+                refs.append(ref)
+            outcomes += run_saved(engine, group, refs, settings, advance)
+    return outcomes
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    accuracy: float  # % correct
+    f1: float | None  # mean token F1, %; None for passkey
+    same: float  # % of answers equal to fullkv's ask answer
+    kl: float  # mean KL(fullkv ask || method) of the first answer token
+    prefill_s: float  # mean
+
+
+def select(
+    outcomes: list[Outcome], task: str | None = None, variant: Variant | None = None, length: int | None = None
+) -> list[Outcome]:
+    return [
+        o
+        for o in outcomes
+        if (task is None or o.item.task == task)
+        and (variant is None or o.variant == variant)
+        and (length is None or o.item.length == length)
+    ]
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def summarise(outcomes: list[Outcome]) -> Summary | None:
+    if not outcomes:
+        return None
+    f1 = [o.score.f1 for o in outcomes if o.score.f1 is not None]
+    return Summary(
+        len(outcomes),
+        100 * mean(o.score.correct for o in outcomes),
+        100 * mean(f1) if f1 else None,
+        100 * mean(o.same for o in outcomes),
+        mean(o.kl for o in outcomes),
+        mean(o.prefill_s for o in outcomes),
+    )
+
+
+def accuracy(
+    outcomes: list[Outcome], task: str | None = None, variant: Variant | None = None, length: int | None = None
+) -> float | None:
+    summary = summarise(select(outcomes, task, variant, length))
+    return None if summary is None else summary.accuracy
+
+
+def tasks_of(outcomes: list[Outcome]) -> list[str]:
+    return list(dict.fromkeys(o.item.task for o in outcomes))
+
+
+def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, minutes: float) -> Table:
+    table = Table(
+        title=f"Accuracy and fidelity per method, budget and mode ({engine.loaded.name}, {engine.loaded.dtype})",
+        headers=["task", "mode", "method", "budget", "n", "accuracy %", "F1 %", "same as fullkv %", "KL", "prefill s"],
+        text_columns=4,
+    )
+    for task in tasks_of(outcomes):
+        for variant in settings.variants:
+            s = summarise(select(outcomes, task, variant))
+            if s is not None:
+                numbers = [cell(s.accuracy, 1), cell(s.f1, 1), cell(s.same, 1), f"{s.kl:.3g}", cell(s.prefill_s, 2)]
+                table.rows.append([task, variant.mode, variant.method, variant.budget_label, str(s.n), *numbers])
+    table.caption = (
+        "ask: the question ends the prompt (query-aware). agnostic: a saved cache built at the budget without the "
+        f"question. two-stage: built at min(100%, {settings.stored_factor:g}× budget), each question re-selects down "
+        "to the budget. accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: "
+        "token F1 (docqa). same as fullkv: greedy answer identical to fullkv's ask answer; KL: mean KL(fullkv ask ‖ "
+        "method) of the first answer token (0 for snapkv and streamingllm in ask mode: they compress after an exact "
+        "prefill, so only later tokens can differ). "
+        f"Greedy, at most {settings.decoding.max_new_tokens} new tokens. prefill s: "
+        "ask: context + question; saved modes: the document's build (once per document, shared by its questions). "
+        f"Whole run: {minutes:.0f} min."
+    )
+    return table
+
+
+def passkey_table(outcomes: list[Outcome], settings: Settings) -> Table | None:
+    """Passkey accuracy per prompt length, method and budget, in ask mode."""
+    asked = [o for o in select(outcomes, "passkey") if o.variant.mode == "ask"]
+    if not asked:
+        return None
+    budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
+    methods = list(dict.fromkeys(v.method for v in settings.variants if v.mode == "ask"))
+    table = Table(
+        title="Passkey accuracy % by prompt length (ask mode)",
+        headers=["tokens", "method", *map(str, budgets)],
+        text_columns=2,
+    )
+    for length in sorted({o.item.length for o in asked}):
+        for method in methods:
+            per_budget = [None] * len(budgets) if method == "fullkv" else budgets
+            values = [accuracy(asked, variant=Variant("ask", method, b), length=length) for b in per_budget]
+            table.rows.append([str(length), method, *(cell(v, 0) for v in values)])
+    table.caption = "fullkv keeps everything: its one accuracy is repeated under every budget. 5 depths per length."
+    return table
+
+
+def verdict(ok: bool | None, target: str, measured: str) -> str:
+    return f"{'N/A' if ok is None else 'PASS' if ok else 'MISS'} {target} ({measured})"
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def passkey_check(outcomes: list[Outcome], budget: Budget) -> str:
+    target = f"passkey: fastkv within 3 points of fullkv at {budget}, at the lengths where fullkv scores ≥ 80%"
+    lengths = sorted({o.item.length for o in select(outcomes, "passkey")})
+    full = {n: accuracy(outcomes, variant=REFERENCE, length=n) for n in lengths}
+    judged = [n for n in lengths if (full[n] or 0) >= 80]
+    fast = {n: accuracy(outcomes, variant=Variant("ask", "fastkv", budget), length=n) for n in judged}
+    if not judged or None in fast.values():
+        return verdict(None, target, f"fullkv by length: {', '.join(f'{n}: {fmt(full[n])}' for n in lengths)}")
+    measured = ", ".join(f"{n}: fastkv {fmt(fast[n])} vs fullkv {fmt(full[n])}" for n in judged)
+    return verdict(all(fast[n] >= full[n] - 3 for n in judged), target, measured)
+
+
+def docqa_check(outcomes: list[Outcome], budget: Budget) -> str:
+    target = f"docqa at {budget}: fastkv ≥ snapkv − 1 and > streamingllm and > gemfilter"
+    acc = {
+        m: accuracy(outcomes, "docqa", Variant("ask", m, budget))
+        for m in ("fastkv", "snapkv", "streamingllm", "gemfilter")
+    }
+    measured = ", ".join(f"{m} {fmt(a)}" for m, a in acc.items())
+    fast = acc.pop("fastkv")
+    others = {m: a for m, a in acc.items() if a is not None}
+    if fast is None or not others:
+        return verdict(None, target, measured)
+    ok = all(fast >= a - 1 if m == "snapkv" else fast > a for m, a in others.items())
+    return verdict(ok, target, measured)
+
+
+def fidelity_check(outcomes: list[Outcome], budget: Budget) -> str:
+    target = f"fastkv at {budget} (ask) gives fullkv's greedy answer ≥ 70% of the time"
+    s = summarise(select(outcomes, variant=Variant("ask", "fastkv", budget)))
+    return verdict(None if s is None else s.same >= 70, target, "—" if s is None else f"{s.same:.1f}%, n={s.n}")
+
+
+def two_stage_checks(outcomes: list[Outcome], budget: Budget) -> list[str]:
+    lines = []
+    for task in tasks_of(outcomes):
+        target = f"{task}: fastkv two-stage saved cache within 3 points of ask at {budget}"
+        asked = accuracy(outcomes, task, Variant("ask", "fastkv", budget))
+        saved = accuracy(outcomes, task, Variant("two-stage", "fastkv", budget))
+        ok = None if asked is None or saved is None else saved >= asked - 3
+        lines.append(verdict(ok, target, f"two-stage {fmt(saved)} vs ask {fmt(asked)}"))
+    return lines
+
+
+def checks(outcomes: list[Outcome]) -> list[str]:
+    """The targets: a 'PASS|MISS|N/A target (measured)' line each; N/A where the run lacks what one needs."""
+    budget, tasks = Budget.parse(TARGET_BUDGET), tasks_of(outcomes)
+    lines = [passkey_check(outcomes, budget)] if "passkey" in tasks else []
+    lines += [docqa_check(outcomes, budget)] if "docqa" in tasks else []
+    return [*lines, fidelity_check(outcomes, budget), *two_stage_checks(outcomes, budget)]
+
+
+def fullkv_line(outcomes: list[Outcome]) -> str:
+    """fullkv's own accuracy: the model's ceiling, which the compressed methods are measured against."""
+    scores = ", ".join(f"{task} {fmt(accuracy(outcomes, task, REFERENCE))}%" for task in tasks_of(outcomes))
+    return f"Full KV (no compression) scores {scores}: the model's own limit; read each method against it, not 100%."
+
+
+def plot(outcomes: list[Outcome], settings: Settings, title: str) -> None:
+    """Accuracy against budget: one panel per task, a colour per method, a line style per mode."""
+    tasks = tasks_of(outcomes)
+    budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
+    methods = list(dict.fromkeys(v.method for v in settings.variants if v.budget is not None))
+    styles = {"ask": "-o", "two-stage": "--s", "agnostic": ":^"}
+    fig = Figure(figsize=(6 * len(tasks), 4.5))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        ax.axhline(accuracy(outcomes, task, REFERENCE), color="black", linestyle="--", label="fullkv (ask)")
+        for color, method in enumerate(methods):
+            for mode, style in styles.items():
+                values = [accuracy(outcomes, task, Variant(mode, method, b)) for b in budgets]
+                if None not in values:
+                    ax.plot(range(len(budgets)), values, style, color=f"C{color}", label=f"{method} ({mode})")
+        ax.set(title=task, xlabel="KV budget", ylabel="accuracy %", ylim=(-3, 103))
+        ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=120)
+
+
+def section_body(tables: list[Table], outcomes: list[Outcome], verdicts: list[str]) -> str:
+    targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts]]
+    plot_link = f"![Accuracy against KV budget per method and mode]({PLOT.name})"
+    return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, "", plot_link, ""])
+
+
+def task_items(name: str, engine: Engine, lengths: list[int]) -> list[Item]:
+    if name == "passkey":
+        return passkey.items(engine.loaded.tokenizer, engine.template, lengths)
+    return docqa.items()
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS, help="final KV budgets (10%% or 1024)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="passkey prompt lengths")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--limit", type=int, help="at most this many questions per task")
+    parser.add_argument("--stored-factor", type=float, default=STORED_FACTOR, help="two-stage: stored / final budget")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer length limit")
+    parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Outcome]:
+    parser, args = parse_args(argv)
+    try:
+        budgets = [Budget.parse(text) for text in args.budgets]
+        decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    except FastKVError as error:
+        parser.error(str(error))
+    engine = Engine.load(args.model, args.device)
+    if "passkey" in args.tasks and max(args.lengths) + args.max_new_tokens > engine.loaded.context_window:
+        parser.error(
+            f"--lengths go up to {max(args.lengths)}, and with {args.max_new_tokens} answer tokens past the "
+            f"model's window of {engine.loaded.context_window}"
+        )
+    items = [item for name in args.tasks for item in task_items(name, engine, args.lengths)[: args.limit]]
+    settings = Settings(plan(args.methods, budgets, args.modes), decoding, args.stored_factor)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        outcomes = run(engine, items, settings)
+    minutes = (time.perf_counter() - start) / 60
+    tables = [results_table(engine, outcomes, settings, minutes)]
+    tables += [table for table in [passkey_table(outcomes, settings)] if table is not None]
+    for table in tables:
+        table.print()
+    verdicts = checks(outcomes)
+    print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
+    print(f"whole run: {minutes:.1f} min")
+    if not args.no_write:
+        plot(outcomes, settings, f"Accuracy against KV budget, {engine.loaded.name}")
+        reduced = reduced_run(
+            tasks=(args.tasks, list(TASKS)),
+            methods=(args.methods, DEFAULT_METHODS),
+            budgets=(args.budgets, DEFAULT_BUDGETS),
+            lengths=(args.lengths, DEFAULT_LENGTHS),
+            modes=(args.modes, list(MODES)),
+            limit=(args.limit, None),
+            stored_factor=(args.stored_factor, STORED_FACTOR),
+            max_new_tokens=(args.max_new_tokens, MAX_NEW_TOKENS),
+        )
+        body = section_body(tables, outcomes, verdicts)
+        path = write_section("accuracy", "Accuracy per method, budget and mode", body, engine.loaded.device, reduced)
+        print(f"wrote {path} and {PLOT}")
+    return outcomes
+
+
+if __name__ == "__main__":
+    main()

