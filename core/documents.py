@@ -78,7 +78,9 @@ def read_documents(
 
 
 def _read_stdin(stdin: BinaryIO | None) -> bytes:
-    stream = stdin if stdin is not None else sys.stdin.buffer
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+    if stream is None:  # the process was started with stdin closed
+        return b""
     try:
         return stream.read()
     except OSError as exc:

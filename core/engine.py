@@ -12,6 +12,7 @@ from core.documents import Document
 from core.errors import CacheFileError, ContextOverflowError, InputError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
+from core.memory import MemoryGuard
 from core.methods import DEFAULT_METHOD, Budget, Method, make_method
 from core.methods.snapkv import SnapKV
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
@@ -19,6 +20,7 @@ from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
+from core.store import CACHE_DTYPES
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
@@ -72,6 +74,15 @@ def query_reselection(manifest: dict, budget: Budget | None, question_tokens: in
     return SnapKV(budget, window=question_tokens, pooling=manifest["method"]["parameters"].get("pooling", "maxpool"))
 
 
+def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
+    """How many context tokens memory allows, for truncation to honour (None: no limit to apply;
+    when not even `extra` prompt tokens fit, the guard's own check explains it)."""
+    if guard is None or truncate is None:
+        return None
+    most = guard.most_tokens(method, **kw) - extra
+    return most if most > 0 else None
+
+
 class Engine:
     """A loaded model with its runner and prompt template; reused for every question in a process."""
 
@@ -106,16 +117,24 @@ class Engine:
         truncate: str | None = None,
         on_text: Callable[[str], None] = lambda text: None,
         progress: Progress = no_progress,
+        ignore_memory: bool = False,
     ) -> Answer:
         """Prefill documents + question in one pass and decode the answer.
 
         The question ends the prompt, so the method's scoring window is the question itself
-        (query-aware selection, as in the FastKV paper).
+        (query-aware selection, as in the FastKV paper). Unless `ignore_memory`, a prefill that
+        would not fit the device's free memory is refused before it starts (MemoryLimitError);
+        with `truncate`, the documents are cut to what fits.
         """
         method = method or make_method(DEFAULT_METHOD)
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         question_ids = encode_question(self.loaded.tokenizer, self.template, question)
-        context = self.context(documents, len(question_ids) + decoding.max_new_tokens, truncate)
+        guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
+        new_tokens, extra = decoding.max_new_tokens, len(question_ids)
+        most = memory_room(guard, truncate, method, extra, new_tokens=new_tokens)
+        context = self.context(documents, extra + new_tokens, truncate, most)
+        if guard:
+            guard.check(len(context.ids) + extra, method, new_tokens, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
         prefill = self.runner.prefill(self.tensor(context.ids + question_ids), method, progress)
         stats.prefill_s = clock.lap()
@@ -126,11 +145,15 @@ class Engine:
         summaries = document_summaries(documents, context)
         return Answer(question, text, self.loaded.name, method.name, method.budget_label, summaries, stats)
 
-    def context(self, documents: list[Document], reserved: int, truncate: str | None) -> Context:
-        """The documents' tokens, fitted to the window with `reserved` tokens left for question and answer."""
+    def context(
+        self, documents: list[Document], reserved: int, truncate: str | None, most: int | None = None
+    ) -> Context:
+        """The documents' tokens, fitted to the window with `reserved` tokens left for question and answer;
+        truncation also cuts them to `most` tokens (what memory allows), if given."""
         window = self.loaded.context_window
         encoded = encode_context(self.loaded.tokenizer, self.template, documents)
-        return fit_context(encoded, window - reserved, window, reserved, truncate)
+        room = window - reserved if most is None or truncate is None else max(min(window - reserved, most), 0)
+        return fit_context(encoded, room, window, reserved, truncate)
 
     def build(
         self,
@@ -141,24 +164,32 @@ class Engine:
         truncate: str | None = None,
         reserved: int = QUESTION_RESERVE,
         progress: Progress = no_progress,
+        cache_dtype: str = "float16",
+        ignore_memory: bool = False,
     ) -> SavedContext:
         """Prefill the documents without knowing the question, for a cache to save and query later.
 
         With `questions`, they are appended for the prefill so their tokens are the scoring window
         (they steer selection), then dropped from the cache. `query_budget` is what each query
         re-selects the stored tokens down to, with its own question as the window (two-stage).
+        Memory is checked as in `ask`, including saving the cache in `cache_dtype`.
         """
         if method.restarts:
             raise InputError(
                 f"--method {method.name} re-prefills with new positions; a saved cache needs original positions"
             )
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
-        context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate)
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
+        guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
+        saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
+        most = memory_room(guard, truncate, method, len(steering), saved_dtype=saved_dtype)
+        context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
+        selection = method.steered(len(context.ids), len(steering))
+        if guard:
+            tokens = len(context.ids) + len(steering)
+            guard.check(tokens, selection, saved_dtype=saved_dtype, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(
-            self.tensor(context.ids + steering), method.steered(len(context.ids), len(steering)), progress
-        )
+        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
         cache = prefill.cache.without_last(len(steering))
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens, stats.layer_tokens = (

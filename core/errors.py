@@ -27,3 +27,7 @@ class ContextOverflowError(InputError):
 
 class CacheFileError(InputError):
     """A .fkv file that is not a valid cache, or does not belong to the loaded model."""
+
+
+class MemoryLimitError(FastKVError):
+    """The prefill would need more memory than the device has free (exit code 1)."""

@@ -143,6 +143,11 @@ def load_folder(folder: Path, name: str, device: torch.device, dtype: torch.dtyp
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as error:
+        if needs_remote_code(folder):
+            raise ModelError(
+                f"{name}: the model needs its own Python code (auto_map in config.json), which fastkv never runs; "
+                f"fastkv runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            ) from None
         raise ModelError(f"{name}: not a loadable model folder ({first_line(error)})") from None
     check_supported(config)
     try:
@@ -151,6 +156,13 @@ def load_folder(folder: Path, name: str, device: torch.device, dtype: torch.dtyp
     except (OSError, ValueError) as error:
         raise ModelError(f"{name}: could not load the model ({first_line(error)})") from None
     return LoadedModel(model.to(device).eval(), tokenizer, name, folder)
+
+
+def needs_remote_code(folder: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def first_line(error: BaseException) -> str:
@@ -177,7 +189,10 @@ def converted_folder(gguf: Path, progress: Progress = no_progress) -> Path:
         if not (folder / "config.json").is_file():
             convert_gguf(gguf, folder, progress)
     except OSError as error:
-        raise FastKVError(f"cannot write the converted model under {cache_dir}: {error.strerror or error}") from None
+        raise FastKVError(
+            f"cannot write the converted model under {cache_dir} ({error.strerror or error}); "
+            "point XDG_CACHE_HOME at a writable directory"
+        ) from None
     return folder
 
 

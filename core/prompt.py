@@ -44,7 +44,7 @@ def documents_text(documents: list[Document]) -> tuple[str, list[list[tuple[int,
     """Join documents (with a header naming each when there are several) -> text, page char spans."""
     parts, spans, offset = [], [], 0
     for i, doc in enumerate(documents):
-        header = f"Document {i + 1}: {doc.name}\n\n" if len(documents) > 1 else ""
+        header = f"Document {i + 1}: {valid_text(doc.name)}\n\n" if len(documents) > 1 else ""
         if i:
             parts.append("\n\n")
             offset += 2
@@ -80,10 +80,17 @@ def encode_context(tokenizer, template: PromptTemplate, documents: list[Document
     return Context(list(encoded["input_ids"]), token_spans)
 
 
+def valid_text(text: str) -> str:
+    """`text` with undecodable bytes (surrogate escapes from a non-UTF-8 path or argument) as U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def encode_question(tokenizer, template: PromptTemplate, question: str) -> list[int]:
     question = question.strip()
     if not question:
         raise InputError("the question is empty")
+    if valid_text(question) != question:
+        raise InputError("the question is not UTF-8 text")
     return tokenizer(template.question_text(question), add_special_tokens=False)["input_ids"]
 
 

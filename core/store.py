@@ -7,6 +7,8 @@ See docs/cache-format.md for the format.
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from core.atomic import write_bytes_atomic
-from core.errors import CacheFileError, InputError
+from core.errors import CacheFileError, FastKVError, InputError
 from core.kvcache import KVCache, LayerKV, page_coverage
 
 FORMAT_VERSION = 1
@@ -74,7 +76,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -95,6 +97,20 @@ def check_target(path: Path, force: bool) -> None:
         raise InputError(f"{path}: exists; pass --force to overwrite it")
     if not path.parent.exists():
         raise InputError(f"{path.parent}: no such directory")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: not a directory")
+    check_writable(path.parent)
+
+
+def check_writable(directory: Path) -> None:
+    """Create and remove a file in `directory`: the only test that also holds for root (permission
+    bits do not stop root; a read-only mount, a full inode table or sysfs still do)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastkv-probe-", dir=directory)
+    except OSError as error:
+        raise InputError(f"{directory}: cannot write there ({error.strerror or error})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_cache_dtype(dtype: str) -> None:
@@ -110,7 +126,12 @@ def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16
     manifest = {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype, "tensors_sha256": tensors_sha256(tensors)}
     check_manifest(manifest)
     data = save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
-    write_bytes_atomic(path, data)
+    try:
+        write_bytes_atomic(path, data, overwrite=force)
+    except FileExistsError:  # another process wrote it since check_target
+        raise InputError(f"{path}: exists; pass --force to overwrite it") from None
+    except OSError as error:  # a full disk, a directory made read-only meanwhile, ...
+        raise FastKVError(f"{path}: cannot write the cache ({error.strerror or error})") from None
     return len(data)
 
 
@@ -162,7 +183,7 @@ def declared_size(path: Path) -> int | None:
     try:
         entries = json.loads(header)
         return 8 + header_len + max(e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__")
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return None
 
 
@@ -171,8 +192,12 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         raise CacheFileError(f"{path}: a safetensors file, but not a fastkv cache (no manifest)")
     try:
         manifest = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # ValueError: bad JSON, or an int of more than 4,300 digits
         raise CacheFileError(f"{path}: the manifest is not valid JSON") from None
+    try:
+        json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\udcff" escapes: valid JSON, but not text that can be printed
+        raise CacheFileError(f"{path}: the manifest holds invalid Unicode text") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads version {FORMAT_VERSION}")
@@ -182,7 +207,38 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         raise CacheFileError(f"{path}: {error}") from None
     if manifest["dtype"] not in CACHE_DTYPES:
         raise CacheFileError(f"{path}: unknown tensor dtype '{manifest['dtype']}' in the manifest")
+    try:
+        check_values(manifest)
+    except CacheFileError as error:
+        raise CacheFileError(f"{path}: {error}") from None
     return manifest
+
+
+def check_values(manifest: dict) -> None:
+    """Sizes are positive, counts not negative, and page spans are [start, end) pairs inside the context."""
+    for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+        if manifest["model"][key] < 1:
+            raise CacheFileError(f"manifest.model.{key} should be at least 1, not {manifest['model'][key]}")
+    if manifest["context_tokens"] < 1:
+        raise CacheFileError(f"manifest.context_tokens should be at least 1, not {manifest['context_tokens']}")
+    for key in ("dropped_tokens", "steering_questions"):
+        if manifest[key] < 0:
+            raise CacheFileError(f"manifest.{key} should not be negative, not {manifest[key]}")
+    for i, document in enumerate(manifest["documents"]):
+        where = f"manifest.documents[{i}]"
+        if min(document["size"], document["pages"], document["tokens"]) < 0:
+            raise CacheFileError(f"{where} has a negative size, page or token count")
+        spans = document["page_token_spans"]
+        if len(spans) != document["pages"]:
+            raise CacheFileError(f"{where}.page_token_spans should have one span per page")
+        for span in spans:
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(type(end) is int for end in span)
+                and 0 <= span[0] <= span[1] <= manifest["context_tokens"]
+            ):
+                raise CacheFileError(f"{where}.page_token_spans holds {str(span)[:40]}, not a [start, end) span")
 
 
 def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> list[LayerKV]:

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,12 +32,30 @@ def main() -> None:
     """fastkv reads long documents once and answers questions about them with a local LLM."""
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that cleanup (temp files, staging folders) runs as for Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def handle_sigterm(handler):
+    """Install `handler` for SIGTERM and return the previous one (None where signals cannot be set:
+    outside the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
 def one_line_errors(command):
-    """Map core's errors to one line on stderr and their exit code; Ctrl-C exits 130."""
+    """Map core's errors to one line on stderr and their exit code; Ctrl-C exits 130, SIGTERM 143."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         debug = os.environ.get("FASTKV_DEBUG") == "1"
+        previous = handle_sigterm(raise_terminated)
         try:
             return command(*args, **kwargs)
         except FastKVError as error:
@@ -47,8 +66,11 @@ def one_line_errors(command):
         except KeyboardInterrupt:
             stderr.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except Terminated:
+            stderr.print("terminated", highlight=False)
+            raise typer.Exit(143) from None
         except BrokenPipeError:  # `fastkv ... | head`: the reader left; nothing more to say
-            sys.stderr.close()
+            silence_output()
             raise typer.Exit(0) from None
         except Exception as error:  # a bug, not bad input: still one line unless debugging
             if debug:
@@ -59,8 +81,23 @@ def one_line_errors(command):
                 soft_wrap=True,
             )
             raise typer.Exit(1) from None
+        finally:
+            if previous is not None:
+                handle_sigterm(previous)
 
     return wrapper
+
+
+def silence_output() -> None:
+    """Point stdout and stderr at /dev/null, so that flushing them at exit raises no second
+    BrokenPipeError ("Exception ignored ... BrokenPipeError") and sets no exit status 120."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):  # not a real file (tests), or already closed
+            pass
+    os.close(devnull)
 
 
 def quiet_transformers() -> None:
@@ -128,6 +165,12 @@ def ask(
     top_p: options.TopP = 1.0,
     seed: options.Seed = None,
     truncate: options.Truncate = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", "--ignore-memory", help="Prefill even when the memory estimate exceeds what the device has free."
+        ),
+    ] = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -143,7 +186,7 @@ def ask(
     engine = load_engine(model, device, dtype, quiet)
     with progress_reporter(quiet) as progress:
         on_text = (lambda text: None) if json else stream_to_stdout
-        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress)
+        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress, ignore_memory=force)
     answer.stats.read_s = read_s
     show(answer, json, quiet)
 
@@ -174,6 +217,7 @@ def cache_build(
     device: options.Device = None,
     dtype: options.Dtype = None,
     truncate: options.Truncate = None,
+    ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -191,7 +235,10 @@ def cache_build(
     docs, read_s = read_inputs(documents, quiet)
     engine = load_engine(model, device, dtype, quiet)
     with progress_reporter(quiet) as progress:
-        saved = engine.build(docs, selection, final_budget, steering, truncate, progress=progress)
+        saved = engine.build(
+            docs, selection, final_budget, steering, truncate, progress=progress, cache_dtype=cache_dtype,
+            ignore_memory=ignore_memory,
+        )  # fmt: skip
         progress("saving", 0, 1)
         start = time.perf_counter()
         size = save_cache(output, saved.cache, saved.manifest, cache_dtype, force)
@@ -263,10 +310,20 @@ def cache_query(
 
 
 def stdin_questions():
-    """One question per non-empty line of stdin, until EOF."""
-    for line in sys.stdin:
-        if line.strip():
-            yield line.strip()
+    """One question per non-empty line of stdin, until EOF (a closed stdin has none)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return
+    number = 0
+    try:
+        for line in stream:
+            number += 1
+            if question := line.decode("utf-8").strip():
+                yield question
+    except UnicodeDecodeError:
+        raise InputError(f"<stdin>: line {number} is not UTF-8 text") from None
+    except OSError as error:
+        raise InputError(f"<stdin>: cannot read questions ({error.strerror or error})") from None
 
 
 @cache_app.command("info")

@@ -42,3 +42,7 @@ Window = Annotated[int | None, typer.Option(help="fastkv/snapkv: how many last q
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
+IgnoreMemory = Annotated[
+    bool,
+    typer.Option("--ignore-memory", help="Prefill even when the memory estimate exceeds what the device has free."),
+]

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from statistics import mean
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,7 +53,7 @@ def seconds(value: float | None) -> str:
 
 def stats_table(answer) -> Table:
     s = answer.stats
-    table = Table(title=f"{answer.model} · {answer.method}", show_header=False, title_justify="left")
+    table = Table(title=escape(f"{answer.model} · {answer.method}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
@@ -122,11 +123,11 @@ def cache_info_view(info: dict) -> Group:
         ),
         ("created", f"{manifest['created']} by fastkv {manifest['fastkv_version']}"),
     ]:
-        summary.add_row(name, value)
+        summary.add_row(name, escape(value))  # names and paths from the file are text, not markup
     pages = Table(title="share of each page's tokens kept (mean over layers and KV heads)", title_justify="left")
     for column in ("document", "page", "tokens", "kept", ""):
         pages.add_column(column, justify="right" if column in ("page", "tokens", "kept") else "left")
     for document, coverage in zip(manifest["documents"], info["page_coverage"], strict=True):
         for page, ((start, end), share) in enumerate(zip(document["page_token_spans"], coverage, strict=True), 1):
-            pages.add_row(document["name"], str(page), f"{end - start:,}", f"{share:.0%}", page_bar(share))
+            pages.add_row(escape(document["name"]), str(page), f"{end - start:,}", f"{share:.0%}", page_bar(share))
     return Group(summary, pages)

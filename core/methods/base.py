@@ -99,6 +99,10 @@ class Method:
     def select(self, layer: LayerInput) -> Selection:
         return Selection()
 
+    def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
+        """Cache entries per KV head, summed over layers, held at the prefill's peak (memory estimate)."""
+        return context_len * num_layers
+
     def steered(self, context_len: int, extra: int) -> "Method":
         """This method for a prompt of `context_len` tokens followed by `extra` steering tokens
         that act as the scoring window and are dropped afterwards (their count comes on top of
@@ -147,6 +151,9 @@ class ScoredMethod(Method):
             return self
         kept = max(self.budget.tokens(context_len), self.window)
         return replace(self, window=extra, budget=Budget(kept + extra, proportional=False))
+
+    def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
+        return min(max(self.budget.tokens(context_len), self.window), context_len) * num_layers
 
     def kept_count(self, layer: LayerInput) -> int | None:
         """Tokens this layer caches per KV head; None when everything fits the budget."""

@@ -26,12 +26,21 @@ class GemFilter(Method):
             raise InputError(f"--filter-layer must be >= 0, got {self.filter_layer}")
         check_window_and_kernel(self.window, self.kernel)
 
+    def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
+        """The first pass's full layers are still held while the chosen tokens are prefilled again."""
+        first_pass = min(self.filter_layer_for(num_layers), num_layers - 1) + 1
+        kept = min(max(self.budget.tokens(context_len), self.window), context_len)
+        return first_pass * context_len + num_layers * kept
+
+    def filter_layer_for(self, num_layers: int) -> int:
+        return max(num_layers // 2 - 1 if self.filter_layer is None else self.filter_layer, 0)
+
     def select(self, layer: LayerInput) -> Selection:
-        filter_layer = layer.num_layers // 2 - 1 if self.filter_layer is None else self.filter_layer
+        filter_layer = self.filter_layer_for(layer.num_layers)
         if filter_layer >= layer.num_layers:
             raise InputError(f"--filter-layer {filter_layer} is past the model's last layer ({layer.num_layers - 1})")
         count = max(self.budget.tokens(layer.context_len), self.window)
-        if layer.index != max(filter_layer, 0) or count >= layer.present:
+        if layer.index != filter_layer or count >= layer.present:
             return Selection()
         heads, kv_heads = layer.q.shape[0], layer.k.shape[0]
         last_query = layer.q[:, -1:].float().view(kv_heads, heads // kv_heads, layer.q.shape[-1])
