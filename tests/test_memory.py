@@ -255,7 +255,6 @@ from pathlib import Path
 from core.methods import make_method
 from core.models import load_model
 from core.runner import Runner
-from core.documents import Document
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
@@ -264,10 +263,13 @@ def status(key):
 tokens, method = int(sys.argv[1]), sys.argv[2]
 loaded = load_model(device="cpu", dtype="float32")
 with torch.inference_mode():
-    for parameter in loaded.model.parameters():  # page the memory-mapped weights in: they are not the prefill's
-        parameter.sum()
-ids = torch.randint(100, loaded.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+    # Copy the memory-mapped weights into anonymous memory: file pages the kernel reclaims and faults back
+    # in during the prefill would count as the prefill's.
+    for parameter in loaded.model.parameters():
+        parameter.data = parameter.data.clone()
 runner = Runner(loaded.model)
+runner.prefill(torch.arange(100, 164), make_method(method))  # one-time allocations (thread pools, kernels)
+ids = torch.randint(100, loaded.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
 runner.prefill(ids, make_method(method))
@@ -316,10 +318,12 @@ def real_prefill(test):
 def test_what_the_prefill_holds_is_within_25_percent_of_its_peak_rss(tokens, method, record_property):
     """The estimate's cache + activations + attention against the peak RSS a prefill adds to a process
     whose weights are resident, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that
-    every freed tensor is returned at once: RSS then follows what is held, run after run."""
+    every freed tensor is returned at once: RSS then follows what is held, run after run. Whatever else
+the machine does can only add to a peak, so the smaller of two runs is the prefill's (CI once saw +17 MiB
+at 2K tokens in a single run)."""
     estimate = embedded_estimate(tokens, method)
 
-    measured = measured_prefill_bytes(tokens, method, MALLOC_MMAP_THRESHOLD_="65536")
+    measured = min(measured_prefill_bytes(tokens, method, MALLOC_MMAP_THRESHOLD_="65536") for _ in range(2))
 
     ratio = measured / estimate.held
     record_property("measured_over_estimate", round(ratio, 3))
