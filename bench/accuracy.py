@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
-from common import ROOT, Table, cell, reduced_run, write_section
+from common import Report, Table, cell, reduced_run, write_section
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -58,7 +59,6 @@ MODES = ("ask", "agnostic", "two-stage")
 MAX_NEW_TOKENS = 24
 STORED_FACTOR = 3.0
 TARGET_BUDGET = "20%"
-PLOT = ROOT / "docs" / "accuracy.png"
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,8 @@ def run_saved(
 ) -> list[Outcome]:
     """Every saved-cache variant for the items of one document: one build per variant, one query per item."""
     reserved = max(len(question_ids(engine, item.question)) for item in items) + settings.decoding.max_new_tokens
-    recording_for = shared_recordings(partial(record_build, engine, [items[0].document], reserved=reserved))
+    record = partial(record_build, engine, [items[0].document], reserved=reserved)
+    recording_for = shared_recordings(record, recording_of=lambda built: built[1])
     outcomes = []
     for variant in (v for v in settings.variants if v.mode != "ask"):
         method, query_budget = variant_methods(variant, settings.stored_factor)
@@ -402,7 +403,7 @@ def fullkv_line(outcomes: list[Outcome]) -> str:
     return f"Full KV (no compression) scores {scores}: the model's own limit; read each method against it, not 100%."
 
 
-def plot(outcomes: list[Outcome], settings: Settings, title: str) -> None:
+def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) -> None:
     """Accuracy against budget: one panel per task, a colour per method, a line style per mode."""
     tasks = tasks_of(outcomes)
     budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
@@ -423,13 +424,13 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str) -> None:
     axes[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
-def section_body(tables: list[Table], outcomes: list[Outcome], verdicts: list[str]) -> str:
+def section_body(tables: list[Table], outcomes: list[Outcome], verdicts: list[str], plot_path: Path) -> str:
     targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts]]
-    plot_link = f"![Accuracy against KV budget per method and mode]({PLOT.name})"
+    plot_link = f"![Accuracy against KV budget per method and mode]({plot_path.name})"
     return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, "", plot_link, ""])
 
 
@@ -482,7 +483,8 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
     print(f"whole run: {minutes:.1f} min")
     if not args.no_write:
-        plot(outcomes, settings, f"Accuracy against KV budget, {engine.loaded.name}")
+        report = Report.of("accuracy", "Accuracy per method, budget and mode", engine.loaded.spec)
+        plot(outcomes, settings, f"Accuracy against KV budget, {engine.loaded.name}", report.plot)
         reduced = reduced_run(
             tasks=(args.tasks, list(TASKS)),
             methods=(args.methods, DEFAULT_METHODS),
@@ -493,9 +495,9 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             stored_factor=(args.stored_factor, STORED_FACTOR),
             max_new_tokens=(args.max_new_tokens, MAX_NEW_TOKENS),
         )
-        body = section_body(tables, outcomes, verdicts)
-        path = write_section("accuracy", "Accuracy per method, budget and mode", body, engine.loaded.device, reduced)
-        print(f"wrote {path} and {PLOT}")
+        body = section_body(tables, outcomes, verdicts, report.plot)
+        path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
+        print(f"wrote {path} and {report.plot}")
     return outcomes
 
 

@@ -202,6 +202,24 @@ class Table:
         return "\n".join(lines + ["", self.caption, ""])
 
 
+@dataclass(frozen=True)
+class Report:
+    """Where a benchmark's results go for one model: its docs/benchmarks.md section and its plot. The
+    embedded model's keep the plain names; any other model's carry its name, so both stay side by side."""
+
+    section: str
+    heading: str
+    plot: Path
+
+    @classmethod
+    def of(cls, name: str, heading: str, spec: str | None) -> "Report":
+        if spec is None:
+            return cls(name, heading, ROOT / "docs" / f"{name}.png")
+        model = Path(spec).name.removesuffix(".gguf")
+        slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+        return cls(f"{name}-{slug}", f"{heading}: {model}", ROOT / "docs" / f"{name}-{slug}.png")
+
+
 def write_section(name: str, heading: str, body: str, device: torch.device, reduced: str | None) -> Path:
     """Replace the `<!-- bench:NAME -->` section of docs/benchmarks.md (appended if absent), leaving the rest.
 

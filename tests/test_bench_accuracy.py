@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as top-level modules
 
 import accuracy  # noqa: E402
+from common import Report  # noqa: E402
 from tasks import Item, docqa, passkey, text_document  # noqa: E402
 from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings  # noqa: E402
 from tasks.scoring import contains_answer, normalise, passkey_found, score, token_f1  # noqa: E402
@@ -147,6 +148,15 @@ def test_two_stage_stores_a_multiple_of_the_final_budget_capped_at_the_whole_con
     assert str(accuracy.stored_budget(Budget.parse("512"), 3)) == "1536"
 
 
+def test_each_model_reports_to_its_own_section_and_plot():
+    embedded = Report.of("accuracy", "Accuracy", None)
+    qwen = Report.of("accuracy", "Accuracy", "/cache/qwen2.5-coder-0.5b-instruct.gguf")
+
+    assert (embedded.section, embedded.plot.name) == ("accuracy", "accuracy.png")
+    assert (qwen.section, qwen.plot.name) == ("accuracy-qwen2-5-coder-0-5b-instruct", qwen.section + ".png")
+    assert "qwen2.5-coder-0.5b-instruct" in qwen.heading
+
+
 # --- the recorded-prefill shortcut ------------------------------------------------------------------
 
 
@@ -220,7 +230,8 @@ def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
 
 def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
     documents = [tiny_items[0].document]
-    recording_for = shared_recordings(partial(record_build, tiny_engine, documents, reserved=64))
+    record = partial(record_build, tiny_engine, documents, reserved=64)
+    recording_for = shared_recordings(record, recording_of=lambda built: built[1])
     for name in ["snapkv", "streamingllm", "fastkv"]:
         method = make_method(name, budget="30%")
         saved = replay_build(tiny_engine.runner, *recording_for(method), method, Budget.parse("10%"))

@@ -319,8 +319,8 @@ def test_what_the_prefill_holds_is_within_25_percent_of_its_peak_rss(tokens, met
     """The estimate's cache + activations + attention against the peak RSS a prefill adds to a process
     whose weights are resident, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that
     every freed tensor is returned at once: RSS then follows what is held, run after run. Whatever else
-the machine does can only add to a peak, so the smaller of two runs is the prefill's (CI once saw +17 MiB
-at 2K tokens in a single run)."""
+    the machine does can only add to a peak, so the smaller of two runs is the prefill's (CI once saw
+    +17 MiB at 2K tokens in a single run)."""
     estimate = embedded_estimate(tokens, method)
 
     measured = min(measured_prefill_bytes(tokens, method, MALLOC_MMAP_THRESHOLD_="65536") for _ in range(2))

@@ -58,7 +58,8 @@ def kept_per_layer(name: str, budget: str, context_len: int, num_layers: int, ts
     present = [context_len] * num_layers
     if name == "fastkv":  # default tsp_layer: the middle, num_layers // 2 - 1
         tsp_layer = num_layers // 2 - 1
-        propagated = min(max(budget_tokens(tsp_rate, context_len), WINDOW), context_len)
+        propagated = max(budget_tokens(tsp_rate, context_len), budget_tokens(budget, context_len), WINDOW)
+        propagated = min(propagated, context_len)
         present = [context_len if i <= tsp_layer else propagated for i in range(num_layers)]
     return [min(count, n) for n in present]
 
@@ -303,7 +304,8 @@ def test_tsp_runs_deeper_layers_on_the_selected_tokens_at_their_positions(tiny_m
     ids, num_layers, kept = random_ids(PROMPT), tiny_model.config.num_hidden_layers, 20  # budget 10%
     hidden = full_prefill(tiny_model, ids).hidden_states
     q, k = hf_qk(tiny_model, tsp_layer, hidden[tsp_layer][0], torch.arange(PROMPT))
-    scores = reference_window_scores(q, k, WINDOW, FastKV().pooling).sum(0, keepdim=True)  # the default pooling
+    defaults = FastKV()
+    scores = reference_window_scores(q, k, WINDOW, defaults.pooling, defaults.tsp_kernel).sum(0, keepdim=True)
     propagated = untied_count(scores, 50)  # about 25%
     selected = torch.tensor(reference_top(scores, propagated, WINDOW)[0])
 
@@ -379,9 +381,11 @@ def test_layer_and_tsp_selection_match_the_reference(pooling, n, count, tsp_coun
     q, k = 1.5 * torch.randn(8, n, 16, generator=gen), torch.randn(2, n, 16, generator=gen)
     layer = LayerInput(0, 4, n, q, k)
     scores = reference_window_scores(q, k, WINDOW, pooling)
-    count, tsp_count = untied_count(scores, count), untied_count(scores.sum(0, keepdim=True), tsp_count)
+    count = untied_count(scores, count)
     expected_keep = reference_top(scores, count, WINDOW)
-    expected_tsp = reference_top(scores.sum(0, keepdim=True), tsp_count, WINDOW)[0]
+    tsp_scores = reference_window_scores(q, k, WINDOW, pooling, kernel=FastKV.tsp_kernel).sum(0, keepdim=True)
+    tsp_count = untied_count(tsp_scores, tsp_count)
+    expected_tsp = reference_top(tsp_scores, tsp_count, WINDOW)[0]
 
     snap = SnapKV(budget=str(count), pooling=pooling).select(layer)
     assert snap.keep.tolist() == expected_keep
@@ -515,6 +519,7 @@ def test_make_method_builds_each_registered_method():
         ("fastkv", dict(budget="abc")),
         ("fastkv", dict(tsp_rate="0%")),
         ("fastkv", dict(tsp_layer=-1)),
+        ("fastkv", dict(tsp_kernel=4)),
         ("gemfilter", dict(filter_layer=-1)),
     ],
 )

@@ -5,8 +5,8 @@ propagate, never on how many tokens enter the cache. So:
 
 - fullkv, snapkv and streamingllm (an exact prefill, then per-layer selection) replay one full
   prefill; gemfilter replays it up to its filter layer, then prefills the chosen tokens again;
-- fastkv at every budget replays one fastkv prefill (what propagates depends on tsp_layer and
-  tsp_rate, not on the budget).
+- fastkv at every budget up to its tsp_rate replays one fastkv prefill (what propagates depends on
+  tsp_layer and tsp_rate, and on the budget only where that is larger).
 
 A recording caches every token each layer saw and keeps each layer's last `window` queries; a
 replay calls the method's own `select` on them, layer by layer, against the recorded keys, exactly
@@ -60,11 +60,15 @@ class Recording:
     layer_s: list[float] = field(default_factory=list)  # with ids: seconds to the end of each layer
 
 
-def propagates_alike(method: Method, inner: Method) -> bool:
-    """Whether `method` sends the same tokens to deeper layers as `inner` (only then is a replay exact)."""
+def propagates_alike(method: Method, inner: Method, context_len: int) -> bool:
+    """Whether `method` sends the same tokens to deeper layers as `inner` on a prompt of `context_len`
+    tokens (only then is a replay exact). For fastkv the budget matters only where it is larger than
+    tsp_rate: then it is what propagates."""
     if not method.propagates:
         return not inner.propagates
-    return type(method) is type(inner) and replace(method, budget=inner.budget) == inner
+    if type(method) is not type(inner) or replace(method, budget=inner.budget, tsp_rate=inner.tsp_rate) != inner:
+        return False
+    return method.propagated_tokens(context_len) == inner.propagated_tokens(context_len)
 
 
 def record_prefill(runner: Runner, ids: Tensor, inner: Method, window: int = 8) -> Recording:
@@ -91,7 +95,7 @@ def record_build(
 def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefill, float]:
     """What runner.prefill(ids, method) returns, from the recording; and the seconds that prefill takes
     (the recorded prefill's, up to where the method's own work starts, plus that work)."""
-    if not propagates_alike(method, recording.inner):
+    if not propagates_alike(method, recording.inner, recording.cache.seq_len):
         raise ValueError(f"{method} does not propagate like the recorded {recording.inner}")
     cache, start = recording.cache, time.perf_counter()
     layers = []
@@ -127,14 +131,19 @@ def replay_build(
     return SavedContext(prefill.cache, manifest, stats)
 
 
-def shared_recordings(record: Callable[[Method], R]) -> Callable[[Method], R]:
+def shared_recordings(
+    record: Callable[[Method], R], recording_of: Callable[[R], Recording] = lambda result: result
+) -> Callable[[Method], R]:
     """For each method, a recording it can replay, made on first need: one per kind of propagation
-    (a full prefill for the methods that do not propagate, the method's own for fastkv)."""
-    made: dict[bool, R] = {}
+    (a full prefill for the methods that do not propagate, fastkv's own for each count it propagates)."""
+    made: list[R] = []
 
     def recording_for(method: Method) -> R:
-        if method.propagates not in made:
-            made[method.propagates] = record(method if method.propagates else FullKV())
-        return made[method.propagates]
+        for result in made:
+            recording = recording_of(result)
+            if propagates_alike(method, recording.inner, recording.cache.seq_len):
+                return result
+        made.append(record(method if method.propagates else FullKV()))
+        return made[-1]
 
     return recording_for

@@ -172,5 +172,9 @@ class ScoredMethod(Method):
             keep=None if kept is None else top_tokens(scores, kept, self.window),
             propagate=None
             if propagated is None
-            else top_tokens(scores.sum(0, keepdim=True), propagated, self.window)[0],
+            else top_tokens(self.propagation_scores(layer, scores), propagated, self.window)[0],
         )
+
+    def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
+        """[1, present - window]: one ranking shared by every head for the tokens deeper layers run on."""
+        return scores.sum(0, keepdim=True)

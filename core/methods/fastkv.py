@@ -5,8 +5,11 @@ attends to most (summed over all KV heads), with their original positions."""
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from torch import Tensor
+
 from core.errors import InputError
-from core.methods.base import Budget, LayerInput
+from core.methods.base import Budget, LayerInput, check_window_and_kernel
+from core.methods.scoring import window_scores
 from core.methods.snapkv import SnapKV
 
 
@@ -17,18 +20,28 @@ class FastKV(SnapKV):
     needs_full_prefill: ClassVar[bool] = False
     tsp_layer: int | None = None  # None: the middle layer, num_layers // 2 - 1
     tsp_rate: Budget = field(default_factory=lambda: Budget(0.2, proportional=True))
+    # Pooling width of the TSP ranking. Deeper layers see nothing TSP drops, so it pools wider than the
+    # per-layer cache selection to carry whole spans: with the paper's 7, SmolLM2-135M lost digits of
+    # passkeys the window attended to (docs/benchmarks.md, accuracy).
+    tsp_kernel: int = 31
 
     def __post_init__(self):
         super().__post_init__()
         self.tsp_rate = Budget.parse(self.tsp_rate, "--tsp-rate")
+        check_window_and_kernel(self.window, self.tsp_kernel)
         if self.tsp_layer is not None and self.tsp_layer < 0:
             raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
+
+    def propagated_tokens(self, context_len: int) -> int:
+        """Tokens the layers past tsp_layer run on: tsp_rate, or the budget where that is larger
+        (deeper layers can cache only what reaches them)."""
+        return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.window)
 
     def steered(self, context_len: int, extra: int) -> "FastKV":
         if not extra:
             return self
-        propagated = max(self.tsp_rate.tokens(context_len), self.window)
-        return replace(super().steered(context_len, extra), tsp_rate=Budget(propagated + extra, proportional=False))
+        propagated = self.propagated_tokens(context_len) + extra
+        return replace(super().steered(context_len, extra), tsp_rate=Budget(propagated, proportional=False))
 
     def tsp_layer_for(self, num_layers: int) -> int:
         layer = num_layers // 2 - 1 if self.tsp_layer is None else self.tsp_layer
@@ -39,5 +52,10 @@ class FastKV(SnapKV):
     def propagated_count(self, layer: LayerInput) -> int | None:
         if layer.index != self.tsp_layer_for(layer.num_layers):
             return None
-        count = max(self.tsp_rate.tokens(layer.context_len), self.window)
+        count = self.propagated_tokens(layer.context_len)
         return count if count < layer.present else None
+
+    def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
+        if self.tsp_kernel == self.kernel:
+            return super().propagation_scores(layer, scores)
+        return window_scores(layer.q, layer.k, self.window, self.pooling, self.tsp_kernel).sum(0, keepdim=True)
