@@ -18,6 +18,14 @@ from tests.tiny_models import (
 torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead, badly so on a shared machine
 
 
+@pytest.fixture(autouse=True)
+def plain_environment(monkeypatch):
+    """No test sees the developer's FASTKV_DEBUG (errors must be one line, not a traceback) or
+    FASTKV_MODEL; subprocesses inherit the cleaned environment."""
+    monkeypatch.delenv("FASTKV_DEBUG", raising=False)
+    monkeypatch.delenv("FASTKV_MODEL", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict:
     """Every family's tiny model (tests.tiny_models.FAMILIES), each with its own seed, built once."""

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from core.store import load_cache, read_manifest
-from fastkv_cli.app import app
+from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
 from tests.pdfs import make_text_pdf
 from tests.tiny_models import save_tiny_llama
@@ -23,9 +22,7 @@ MAX_NEW = 4
 
 
 @pytest.fixture(autouse=True)
-def plain_environment(monkeypatch):
-    monkeypatch.delenv("FASTKV_DEBUG", raising=False)  # errors must be one line, not a traceback
-    monkeypatch.delenv("FASTKV_MODEL", raising=False)
+def wide_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich tables: no wrapping of long tmp paths
 
 
@@ -59,10 +56,6 @@ def documents(tmp_path_factory) -> list[Path]:
     return [pdf, notes]
 
 
-def fastkv(*args, input: str | None = None):
-    return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
-
-
 def build(documents, output: Path, model: Path, *options):
     return fastkv("cache", "build", *documents, "-o", output, "--model", model, *options)
 
@@ -86,19 +79,6 @@ def built(tmp_path_factory, documents, model) -> tuple[Path, dict]:
 def json_lines(result) -> list[dict]:
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()]
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit 2, nothing on stdout, one line on stderr containing every needle, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exc_info  # not an escaped exception
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --- build ------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from core.documents import read_document
 from core.prompt import Context, PromptTemplate, encode_context, encode_question
 from fastkv_cli.app import app
+from tests.helpers import assert_one_line_error
 from tests.json_schema import DOCUMENT_KEYS, SCHEMA, STATS_KEYS
 from tests.pdfs import make_blank_pdf, make_encrypted_pdf, make_text_pdf
 from tests.tiny_models import fastkv_command
@@ -21,12 +21,6 @@ QUESTION = "When was the lighthouse automated?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThomas Arkwright Bell designed the tower.\n"
 MAX_NEW = 4
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@pytest.fixture(autouse=True)
-def plain_environment(monkeypatch):
-    monkeypatch.delenv("FASTKV_DEBUG", raising=False)  # errors must be one line, not a traceback
-    monkeypatch.delenv("FASTKV_MODEL", raising=False)
 
 
 @pytest.fixture
@@ -54,19 +48,6 @@ def json_answer(result) -> dict:
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     return json.loads(lines[0])
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit 2, nothing on stdout, one line on stderr containing every needle, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exc_info  # not an escaped exception
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def prompt_tokens(folder: Path, paths: list[Path], question: str) -> tuple[Context, int]:
@@ -269,8 +250,7 @@ def test_bad_option_values_exit_2(ask, doc, option, value, needle):
 
 
 def run_fastkv(*args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key not in ("FASTKV_MODEL", "FASTKV_DEBUG")}
-    return subprocess.run([*fastkv_command(), *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([*fastkv_command(), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_installed_command_answers_with_the_tiny_model(doc, tiny_model_folder):

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -27,7 +26,6 @@ QUESTION = "In which year was the Harrow Point lighthouse automated?"
 
 
 def test_cli_answers_from_the_embedded_model():
-    env = {key: value for key, value in os.environ.items() if key not in ("FASTKV_MODEL", "FASTKV_DEBUG")}
 
     # the first run ever converts the GGUF into the user cache (~30 s); later runs load in ~0.2 s
     result = subprocess.run(
@@ -36,7 +34,6 @@ def test_cli_answers_from_the_embedded_model():
         text=True,
         timeout=180,
         cwd=ROOT,
-        env=env,
     )
 
     assert result.returncode == 0, result.stderr

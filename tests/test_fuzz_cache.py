@@ -2,7 +2,6 @@
 or is refused with CacheFileError; nothing raises anything else."""
 
 import copy
-import hashlib
 import io
 import json
 import random
@@ -15,13 +14,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import load, save
 
-from core.documents import Document
 from core.engine import Engine
 from core.errors import CacheFileError
 from core.methods import Budget, make_method
 from core.models import LoadedModel
 from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
 from fastkv_cli.render import cache_info_view
+from tests.helpers import make_document
 
 SEED = 6
 MUTANTS = 2000  # ~10 s on one idle core
@@ -39,16 +38,6 @@ SOURCES = [
     ("mistral", "snapkv", {"budget": "20%"}, "bfloat16", "10%", []),
     ("qwen2", "streamingllm", {"budget": "16"}, "float16", None, ["Who kept the light?"]),
 ]
-
-
-def make_document(pages: list[str], name: str) -> Document:
-    text = "\n\n".join(pages)
-    spans, start = [], 0
-    for page in pages:
-        spans.append((start, start + len(page)))
-        start += len(page) + 2
-    data = text.encode()
-    return Document(name, text, hashlib.sha256(data).hexdigest(), len(data), tuple(spans))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 with both numbers and what would fit, that --force / --ignore-memory bypass it, and (slow) that it
 matches the peak RSS of a real prefill on CPU."""
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,10 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import core.memory
-from core.documents import Document
 from core.engine import Engine
 from core.errors import MemoryLimitError
 from core.generation import Decoding
@@ -28,22 +25,11 @@ from core.methods import METHODS, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import encode_question
 from core.runner import Runner
-from fastkv_cli.app import app
+from tests.helpers import fastkv, make_document
 
 QUESTION = "When was the lighthouse automated?"
 DOC_TEXT = " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(12))
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_document(pages: list[str], name: str = "harrow.txt") -> Document:
-    text = "\n\n".join(pages)
-    return Document(name, text, hashlib.sha256(text.encode()).hexdigest(), len(text.encode()), ((0, len(text)),))
-
-
-@pytest.fixture(autouse=True)
-def plain_environment(monkeypatch):
-    monkeypatch.delenv("FASTKV_DEBUG", raising=False)
-    monkeypatch.delenv("FASTKV_MODEL", raising=False)
 
 
 # --- the estimate ---------------------------------------------------------------------------------------
@@ -145,10 +131,6 @@ def doc(tmp_path) -> Path:
     path = tmp_path / "doc.txt"
     path.write_text(DOC_TEXT)
     return path
-
-
-def fastkv(*args):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def assert_refused_for_memory(result) -> str:
@@ -285,7 +267,7 @@ def measured_prefill_bytes(tokens: int, method: str, **env: str) -> int:
         text=True,
         timeout=600,
         cwd=ROOT,
-        env={**{key: value for key, value in os.environ.items() if key != "FASTKV_MODEL"}, **env},
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr
     rss = json.loads(result.stdout.splitlines()[-1])

@@ -1,7 +1,6 @@
 """Signals, pipes, concurrency, permissions and paths: each failure is one line on stderr with its exit
 code, no traceback, and no partial file left behind (docs/reliability.md lists them)."""
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,36 +17,24 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from typer.testing import CliRunner
 
 import core.atomic
 import core.engine
 import core.models
 import core.store
-from core.documents import Document, read_document
+from core.documents import read_document
 from core.engine import Engine
 from core.errors import DocumentError, InputError
 from core.methods import make_method
 from core.models import EMBEDDED_PACKAGE, converted_folder, load_model
 from core.store import load_cache, save_cache
-from fastkv_cli.app import app
+from tests.helpers import assert_one_line_error, fastkv, make_document
 from tests.tiny_models import fastkv_command
 
 QUESTION = "How many ships did the keeper log?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThe keeper logged 41 ships in 1871.\n"
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def make_document(text: str, name: str = "notes.txt") -> Document:
-    data = text.encode()
-    return Document(name, text, hashlib.sha256(data).hexdigest(), len(data), ((0, len(text)),))
-
-
-@pytest.fixture(autouse=True)
-def plain_environment(monkeypatch):
-    monkeypatch.delenv("FASTKV_DEBUG", raising=False)
-    monkeypatch.delenv("FASTKV_MODEL", raising=False)
 
 
 @pytest.fixture
@@ -57,25 +44,8 @@ def doc(tmp_path) -> Path:
     return path
 
 
-def fastkv(*args, input=None):
-    return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
-
-
-def one_line(result, code: int, *needles: str) -> str:
-    """`code`, one line on stderr holding every needle, nothing on stdout, no traceback."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), result.exc_info
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
 def environment(**extra: str) -> dict:
-    env = {key: value for key, value in os.environ.items() if key not in ("FASTKV_MODEL", "FASTKV_DEBUG")}
-    return {**env, **extra}
+    return {**os.environ, **extra}
 
 
 def start(*args, **kwargs) -> subprocess.Popen:
@@ -296,7 +266,9 @@ def test_a_question_on_stdin_that_is_not_utf8_exits_2(cache_file, tiny_model_fol
 
 
 def test_a_question_with_undecodable_bytes_exits_2(doc, tiny_model_folder):
-    one_line(fastkv("ask", doc, "When\udcff?", "--model", tiny_model_folder.path), 2, "not UTF-8 text")
+    assert_one_line_error(
+        fastkv("ask", doc, "When\udcff?", "--model", tiny_model_folder.path), "not UTF-8 text", code=2
+    )
 
 
 # --- concurrency ---------------------------------------------------------------------------------------------
@@ -328,7 +300,7 @@ def test_two_forced_builds_of_one_file_leave_one_complete_file(tiny_model_folder
 def test_two_saves_racing_for_a_new_path_without_force_write_once(tiny_model_folder, tmp_path, monkeypatch):
     """Both saves pass the existence check before either publishes: the hard link lets one win."""
     engine = Engine(load_model(str(tiny_model_folder.path), device="cpu"))
-    saved = engine.build([make_document(DOC_TEXT)], make_method("fastkv"), None, reserved=128)
+    saved = engine.build([make_document([DOC_TEXT], "notes.txt")], make_method("fastkv"), None, reserved=128)
     output = tmp_path / "shared.fkv"
     both_writing = threading.Barrier(2, timeout=30)
     real_write_all = core.atomic.write_all
@@ -487,7 +459,7 @@ def build_to(output, doc, tiny_model_folder, *options):
 def test_output_under_a_file_exits_2_before_any_work(doc, tmp_path, monkeypatch, tiny_model_folder):
     monkeypatch.setattr(core.models, "load_model", None)  # not reached: refused before the model loads
 
-    one_line(build_to(doc / "out.fkv", doc, tiny_model_folder), 2, f"{doc}: not a directory")
+    assert_one_line_error(build_to(doc / "out.fkv", doc, tiny_model_folder), f"{doc}: not a directory", code=2)
 
 
 def test_an_unwritable_output_directory_exits_2_before_any_work(doc, tmp_path, monkeypatch, tiny_model_folder):
@@ -496,7 +468,7 @@ def test_an_unwritable_output_directory_exits_2_before_any_work(doc, tmp_path, m
 
     monkeypatch.setattr(core.store.tempfile, "mkstemp", denied)
 
-    one_line(
+    assert_one_line_error(
         build_to(tmp_path / "c.fkv", doc, tiny_model_folder), 2, f"{tmp_path}: cannot write there (Permission denied)"
     )
     assert not (tmp_path / "c.fkv").exists()
@@ -513,7 +485,7 @@ def test_a_real_unwritable_directory_exits_2(doc, tiny_model_folder):
     if result.exit_code == 0:  # a sysfs that takes files: nothing to show here
         os.unlink("/sys/out.fkv")
         pytest.skip("this /sys accepts new files")
-    one_line(result, 2, "/sys: cannot write there")
+    assert_one_line_error(result, "/sys: cannot write there", code=2)
 
 
 def test_a_full_disk_while_saving_exits_1_and_leaves_no_temp_file(doc, tmp_path, monkeypatch, tiny_model_folder):
@@ -523,7 +495,7 @@ def test_a_full_disk_while_saving_exits_1_and_leaves_no_temp_file(doc, tmp_path,
 
     monkeypatch.setattr(core.atomic, "write_all", full)
 
-    one_line(
+    assert_one_line_error(
         build_to(tmp_path / "c.fkv", doc, tiny_model_folder), 1, "cannot write the cache (No space left on device)"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["doc.txt"]
@@ -535,7 +507,9 @@ def test_an_unreadable_document_exits_2(doc, monkeypatch, tiny_model_folder):
 
     monkeypatch.setattr(Path, "read_bytes", denied)
 
-    one_line(fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path), 2, f"{doc}: permission denied")
+    assert_one_line_error(
+        fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path), f"{doc}: permission denied", code=2
+    )
 
 
 def test_a_cache_home_that_is_a_file_explains_in_one_line(doc, tmp_path, monkeypatch):
@@ -545,7 +519,7 @@ def test_a_cache_home_that_is_a_file_explains_in_one_line(doc, tmp_path, monkeyp
     gguf.write_bytes(b"GGUF stand-in")
     monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
 
-    line = one_line(
+    line = assert_one_line_error(
         fastkv("ask", doc, QUESTION, "--model", gguf), 1, f"under {not_a_folder / 'fastkv'} (Not a directory)"
     )
     assert line.endswith("point XDG_CACHE_HOME at a writable directory")
@@ -560,7 +534,9 @@ def test_a_model_that_needs_remote_code_is_refused_without_running_it(doc, tmp_p
     marker = tmp_path / "ran"
     (folder / "configuration_fancy.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
 
-    line = one_line(fastkv("ask", doc, QUESTION, "--model", folder), 2, "needs its own Python code (auto_map")
+    line = assert_one_line_error(
+        fastkv("ask", doc, QUESTION, "--model", folder), "needs its own Python code (auto_map", code=2
+    )
     assert "fastkv never runs" in line and "llama, mistral, qwen2, qwen3" in line
     assert not marker.exists()
 

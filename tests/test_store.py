@@ -1,7 +1,6 @@
 """The .fkv cache file and saved contexts at engine level: round trips, answers, refusals, atomic writes."""
 
 import copy
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -23,6 +22,7 @@ from core.models import LoadedModel, load_model
 from core.prompt import encode_question
 from core.stats import RunStats
 from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
+from tests.helpers import make_document
 
 QUESTION = "When was the lighthouse automated?"
 OTHER_QUESTION = "Who designed the tower?"
@@ -33,16 +33,6 @@ PAGES = [
 RESERVED = 128  # the tiny folder's window is 512, less than build's default reserve
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
 DTYPE_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-
-
-def make_document(pages: list[str], name: str = "harrow.txt") -> Document:
-    text = "\n\n".join(pages)
-    spans, start = [], 0
-    for page in pages:
-        spans.append((start, start + len(page)))
-        start += len(page) + 2
-    data = text.encode()
-    return Document(name, text, hashlib.sha256(data).hexdigest(), len(data), tuple(spans))
 
 
 @pytest.fixture(scope="module")
