@@ -220,14 +220,19 @@ class Report:
         return cls(f"{name}-{slug}", f"{heading}: {model}", ROOT / "docs" / f"{name}-{slug}.png")
 
 
-def write_section(name: str, heading: str, body: str, device: torch.device, reduced: str | None) -> Path:
+def write_section(
+    name: str, heading: str, body: str, device: torch.device, reduced: str | None, smoke: bool = False
+) -> Path:
     """Replace the `<!-- bench:NAME -->` section of docs/benchmarks.md (appended if absent), leaving the rest.
 
-    The section records the command line, date and machine; a reduced run is labelled as a smoke run.
+    The section records the command line, date and machine. A run with settings other than the full
+    run's is labelled with them: a smoke run (sizes that only exercise the script) as not a result.
     """
     header = [f"### {heading}", ""]
-    if reduced:
+    if smoke:
         header += [f"> **Smoke run, not a result**: {reduced}. Rerun the command with its defaults.", ""]
+    elif reduced:
+        header += [f"> **Reduced run**: {reduced}. Measured as the full run measures, over fewer settings.", ""]
     header += [
         f"- Command: `{command_line()}`",
         f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",

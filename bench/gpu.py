@@ -166,7 +166,8 @@ def main() -> None:
     if args.write:
         full = dict(lengths=(args.lengths, FULL_LENGTHS), repeats=(args.repeats, FULL_REPEATS))
         reduced = "CPU run of a tiny Llama (--smoke)" if args.smoke else reduced_run(**full)
-        path = write_section("gpu", "Prefill on a GPU at 8K-128K tokens", table.markdown(), device, reduced)
+        heading = "Prefill on a GPU at 8K-128K tokens"
+        path = write_section("gpu", heading, table.markdown(), device, reduced, smoke=args.smoke)
         print(f"wrote {path}")
 
 
