@@ -469,7 +469,9 @@ def test_an_unwritable_output_directory_exits_2_before_any_work(doc, tmp_path, m
     monkeypatch.setattr(core.store.tempfile, "mkstemp", denied)
 
     assert_one_line_error(
-        build_to(tmp_path / "c.fkv", doc, tiny_model_folder), 2, f"{tmp_path}: cannot write there (Permission denied)"
+        build_to(tmp_path / "c.fkv", doc, tiny_model_folder),
+        f"{tmp_path}: cannot write there (Permission denied)",
+        code=2,
     )
     assert not (tmp_path / "c.fkv").exists()
 
@@ -496,7 +498,7 @@ def test_a_full_disk_while_saving_exits_1_and_leaves_no_temp_file(doc, tmp_path,
     monkeypatch.setattr(core.atomic, "write_all", full)
 
     assert_one_line_error(
-        build_to(tmp_path / "c.fkv", doc, tiny_model_folder), 1, "cannot write the cache (No space left on device)"
+        build_to(tmp_path / "c.fkv", doc, tiny_model_folder), "cannot write the cache (No space left on device)", code=1
     )
     assert [p.name for p in tmp_path.iterdir()] == ["doc.txt"]
 
@@ -520,7 +522,7 @@ def test_a_cache_home_that_is_a_file_explains_in_one_line(doc, tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
 
     line = assert_one_line_error(
-        fastkv("ask", doc, QUESTION, "--model", gguf), 1, f"under {not_a_folder / 'fastkv'} (Not a directory)"
+        fastkv("ask", doc, QUESTION, "--model", gguf), f"under {not_a_folder / 'fastkv'} (Not a directory)", code=1
     )
     assert line.endswith("point XDG_CACHE_HOME at a writable directory")
 
