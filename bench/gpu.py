@@ -9,6 +9,7 @@ python bench/gpu.py --smoke [--write]
 """
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -156,7 +157,10 @@ def main() -> None:
         text_columns=2,
     )
     for n in args.lengths:
-        table.rows += rows(n, measure(model, runner, n, args, failed))
+        seconds = measure(model, runner, n, args, failed)
+        table.rows += rows(n, seconds)
+        done = ", ".join(f"{name} {OOM if s is None else f'{s:.3f} s'}" for name, s in seconds.items())
+        print(f"{n} tokens: {done}", file=sys.stderr, flush=True)  # a run cut short still leaves its numbers
     table.caption = (
         f"Prefill + first token, median of {args.repeats} interleaved runs after {args.warmup} warm-up round(s); "
         f"× columns are speedups (higher is faster); fastkv/snapkv budget {args.budget}. "
