@@ -48,8 +48,15 @@ def environment(**extra: str) -> dict:
     return {**os.environ, **extra}
 
 
+def default_sigint() -> None:
+    """A shell without job control starts `cmd &` with SIGINT ignored, and children inherit that;
+    the Ctrl-C tests must see fastkv as a terminal's foreground job would, however pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([*fastkv_command(), *map(str, args)], env=kwargs.pop("env", environment()), **kwargs)
+    env = kwargs.pop("env", environment())
+    return subprocess.Popen([*fastkv_command(), *map(str, args)], env=env, preexec_fn=default_sigint, **kwargs)
 
 
 def leftovers(folder: Path) -> list[str]:
