@@ -1,7 +1,8 @@
-"""Helpers shared by the test modules: in-process CLI calls, the one-line error contract, documents."""
+"""Helpers shared by the test modules: in-process CLI calls, the one-line error contract, documents, the HF forward."""
 
 import hashlib
 
+import torch
 from typer.testing import CliRunner
 
 from core.documents import Document
@@ -35,3 +36,9 @@ def make_document(pages: list[str], name: str = "harrow.txt") -> Document:
         start += len(page) + 2
     data = text.encode()
     return Document(name, text, hashlib.sha256(data).hexdigest(), len(data), tuple(spans))
+
+
+def hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The HF model's own forward on ids [L] -> the last position's logits [vocab], float32."""
+    with torch.inference_mode():
+        return model(ids.unsqueeze(0)).logits[0, -1].float()

@@ -11,6 +11,7 @@ import torch
 from core.generation import generate
 from core.methods import make_method
 from core.runner import Runner
+from tests.helpers import hf_last_logits
 from tests.tiny_models import FAMILIES, build_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,11 +30,6 @@ def cuda_model(family: str, dtype: torch.dtype = torch.float32):
 
 def random_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).cuda()
-
-
-def hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(ids.unsqueeze(0)).logits[0, -1].float()
 
 
 def test_prefill_and_appended_question_equal_the_hf_forward(family):
