@@ -42,3 +42,8 @@ def hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """The HF model's own forward on ids [L] -> the last position's logits [vocab], float32."""
     with torch.inference_mode():
         return model(ids.unsqueeze(0)).logits[0, -1].float()
+
+
+def random_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """n seeded random token ids [n] below `vocab`, on the CPU."""
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))

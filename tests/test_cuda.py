@@ -11,7 +11,7 @@ import torch
 from core.generation import generate
 from core.methods import make_method
 from core.runner import Runner
-from tests.helpers import hf_last_logits
+from tests.helpers import hf_last_logits, random_ids
 from tests.tiny_models import FAMILIES, build_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -28,13 +28,9 @@ def cuda_model(family: str, dtype: torch.dtype = torch.float32):
     return build_tiny_model(family).to("cuda", dtype)
 
 
-def random_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).cuda()
-
-
 def test_prefill_and_appended_question_equal_the_hf_forward(family):
     model = cuda_model(family)
-    context, question = random_ids(300, 256, seed=1), random_ids(9, 256, seed=2)
+    context, question = random_ids(300, 256, seed=1).cuda(), random_ids(9, 256, seed=2).cuda()
     runner = Runner(model)
 
     prefill = runner.prefill(context)
@@ -48,7 +44,7 @@ def test_prefill_and_appended_question_equal_the_hf_forward(family):
 
 def test_greedy_decode_equals_hf_generate(family):
     model, steps = cuda_model(family), 8
-    ids = random_ids(50, 256, seed=3)
+    ids = random_ids(50, 256, seed=3).cuda()
     runner = Runner(model)
     prefill = runner.prefill(ids)
 
@@ -64,7 +60,7 @@ def test_greedy_decode_equals_hf_generate(family):
 
 def test_fastkv_that_keeps_everything_equals_fullkv(family):
     model = cuda_model(family)
-    ids = random_ids(300, 256, seed=4)
+    ids = random_ids(300, 256, seed=4).cuda()
     runner = Runner(model)
 
     full = runner.prefill(ids)
@@ -78,7 +74,7 @@ def test_fastkv_that_keeps_everything_equals_fullkv(family):
 
 def test_bfloat16_prefill_stays_close_to_the_hf_forward(family):
     model = cuda_model(family, torch.bfloat16)
-    ids = random_ids(300, 256, seed=5)
+    ids = random_ids(300, 256, seed=5).cuda()
 
     logits = Runner(model).prefill(ids).logits
 
@@ -90,7 +86,7 @@ def test_bfloat16_prefill_stays_close_to_the_hf_forward(family):
 def test_fastkv_at_a_budget_keeps_the_budget_on_the_gpu(family):
     model = cuda_model(family)
     n = 400
-    ids = random_ids(n, 256, seed=6)
+    ids = random_ids(n, 256, seed=6).cuda()
 
     prefill = Runner(model).prefill(ids, make_method("fastkv", budget="20%"))
 

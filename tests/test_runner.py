@@ -6,13 +6,9 @@ import torch
 from core.errors import InputError
 from core.generation import Sampling, generate, next_token
 from core.runner import Runner, appended_mask
-from tests.helpers import hf_last_logits
+from tests.helpers import hf_last_logits, random_ids
 
 TOL = 1e-4  # fp32
-
-
-def random_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
