@@ -43,7 +43,7 @@ from tasks.replay import record_build, record_prefill, replay, replay_build, sha
 from tasks.scoring import Score, score
 from torch import Tensor
 
-from core.engine import Engine, SavedContext, query_reselection
+from core.engine import Engine, SavedContext
 from core.errors import FastKVError
 from core.generation import Decoding, generate
 from core.kvcache import KVCache
@@ -165,10 +165,8 @@ def ask_ids(engine: Engine, item: Item, decoding: Decoding) -> Tensor:
 
 def query(engine: Engine, saved: SavedContext, question: str, decoding: Decoding) -> tuple[str, Tensor]:
     """engine.query's steps, keeping the first token's logits: append the question to a fresh copy of
-    the saved cache (re-selecting to the query budget), then decode."""
-    ids = question_ids(engine, question)
-    cache = saved.cache.clone()
-    logits = engine.runner.extend(cache, engine.tensor(ids), query_reselection(saved.manifest, None, len(ids)))
+    the saved cache, then decode."""
+    cache, logits, _ = engine.append_question(saved, question_ids(engine, question))
     return decode(engine, cache, logits, decoding), logits
 
 

@@ -12,12 +12,13 @@ from core.documents import Document
 from core.errors import CacheFileError, ContextOverflowError, InputError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
-from core.memory import MemoryGuard
+from core.memory import MemoryGuard, Saving
 from core.methods import DEFAULT_METHOD, Budget, Method, make_method
 from core.methods.snapkv import SnapKV
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
+from core.revival import Revival
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
 from core.store import CACHE_DTYPES
@@ -72,6 +73,19 @@ def query_reselection(manifest: dict, budget: Budget | None, question_tokens: in
     if budget is None:
         return None
     return SnapKV(budget, window=question_tokens, pooling=manifest["method"]["parameters"].get("pooling", "maxpool"))
+
+
+def query_revival(manifest: dict, cache: KVCache, reselect: SnapKV | None) -> Revival | None:
+    """How a question revives the held tokens of a two-stage cache: as many context tokens as `ask`'s
+    TSP would pass on at the query's budget, ranked like the build's TSP; None when nothing is held
+    or the answer uses every stored token."""
+    if cache.held is None or reselect is None:
+        return None
+    parameters = manifest["method"]["parameters"]
+    tsp = make_method(manifest["method"]["name"], **{**parameters, "budget": reselect.budget})
+    question = reselect.window
+    count = tsp.propagated_tokens(manifest["context_tokens"] + question) - question
+    return Revival(count, parameters["pooling"], parameters["tsp_kernel"])
 
 
 def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
@@ -166,12 +180,15 @@ class Engine:
         progress: Progress = no_progress,
         cache_dtype: str = "float16",
         ignore_memory: bool = False,
+        hold: bool | None = None,
     ) -> SavedContext:
         """Prefill the documents without knowing the question, for a cache to save and query later.
 
         With `questions`, they are appended for the prefill so their tokens are the scoring window
         (they steer selection), then dropped from the cache. `query_budget` is what each query
         re-selects the stored tokens down to, with its own question as the window (two-stage).
+        A two-stage cache also holds what TSP drops, for each question to revive what it needs
+        (`hold`, by default whether there is a `query_budget`; core/revival.py).
         Memory is checked as in `ask`, including saving the cache in `cache_dtype`.
         """
         if method.restarts:
@@ -181,15 +198,16 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
-        most = memory_room(guard, truncate, method, len(steering), saved_dtype=saved_dtype)
+        hold = query_budget is not None if hold is None else hold
+        saving = Saving(CACHE_DTYPES.get(cache_dtype, torch.float32), hold)
+        most = memory_room(guard, truncate, method, len(steering), saving=saving)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
         selection = method.steered(len(context.ids), len(steering))
         if guard:
             tokens = len(context.ids) + len(steering)
-            guard.check(tokens, selection, saved_dtype=saved_dtype, truncating=truncate is not None)
+            guard.check(tokens, selection, saving=saving, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
+        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress, hold)
         cache = prefill.cache.without_last(len(steering))
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens, stats.layer_tokens = (
@@ -206,6 +224,7 @@ class Engine:
             "method": {"name": method.name, "parameters": method.parameters()},
             "query_budget": None if query_budget is None else str(query_budget),
             "steering_questions": len(questions),
+            "held_layer": None if cache.held is None else cache.held.layer,
             "context_tokens": len(context.ids),
             "dropped_tokens": context.dropped_tokens,
             "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},
@@ -250,9 +269,7 @@ class Engine:
                 f"{needed:,} tokens, more than the model's window of {self.loaded.context_window:,}"
             )
         stats.tokenize_s = clock.lap()
-        cache = saved.cache.clone()
-        reselect = query_reselection(manifest, budget, len(question_ids))
-        logits = self.runner.extend(cache, self.tensor(question_ids), reselect)
+        cache, logits, reselect = self.append_question(saved, question_ids, budget)
         stats.prefill_s = clock.lap()
         stats.context_tokens = cache.seq_len
         self.record_cache(stats, cache)
@@ -262,6 +279,16 @@ class Engine:
         method = manifest["method"]
         label = str(reselect.budget) if reselect else method["parameters"].get("budget")
         return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)
+
+    def append_question(
+        self, saved: SavedContext, question_ids: list[int], budget: Budget | None = None
+    ) -> tuple[KVCache, torch.Tensor, SnapKV | None]:
+        """A fresh copy of the saved context with the question appended (re-selected down to the
+        query budget, held tokens revived) -> (cache, next-token logits, the re-selection used)."""
+        cache = saved.cache.clone()
+        reselect = query_reselection(saved.manifest, budget, len(question_ids))
+        revival = query_revival(saved.manifest, cache, reselect)
+        return cache, self.runner.extend(cache, self.tensor(question_ids), reselect, revival), reselect
 
     def record_cache(self, stats: RunStats, cache: KVCache) -> None:
         stats.kv_bytes_kept = cache.nbytes

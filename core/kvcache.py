@@ -58,6 +58,10 @@ class LayerKV:
         self.length = end
         return self
 
+    def in_position_order(self) -> "LayerKV":
+        """This layer with each head's tokens sorted by position (appending revived tokens breaks the order)."""
+        return self.select(self.positions.argsort(dim=-1))
+
     def grow(self, capacity: int) -> None:
         """Move into fresh buffers of `capacity` tokens (never writing into tensors we were given)."""
         grown = []
@@ -68,15 +72,37 @@ class LayerKV:
         self.buffers = tuple(grown)
 
 
+@dataclass(frozen=True)
+class HeldTokens:
+    """The tokens Token-Selective Propagation did not pass on, as they left the TSP layer.
+
+    A saved two-stage cache keeps them so that a question can run the ones it needs through the
+    deeper layers (core/revival.py); the deeper layers' caches hold none of them.
+    """
+
+    layer: int  # the TSP layer: `hidden` is its output
+    hidden: Tensor  # [m, hidden_size]
+    positions: Tensor  # [m] int64, increasing
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.nbytes
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "HeldTokens":
+        return HeldTokens(self.layer, self.hidden.to(device, dtype), self.positions.to(device, torch.long))
+
+
 @dataclass
 class KVCache:
     """One LayerKV per decoder layer plus the true number of tokens consumed.
 
     `seq_len` is the position the next token gets: the context length, whatever the cache holds.
+    `held`: what TSP dropped, kept for revival by a question (two-stage saved caches only).
     """
 
     layers: list[LayerKV] = field(default_factory=list)
     seq_len: int = 0
+    held: HeldTokens | None = None
 
     @property
     def nbytes(self) -> int:
@@ -94,11 +120,12 @@ class KVCache:
         for layer in self.layers:
             index = torch.arange(layer.length - n, device=layer.keys.device).expand(layer.keys.shape[0], -1)
             layers.append(layer.select(index))
-        return KVCache(layers, self.seq_len - n)
+        return KVCache(layers, self.seq_len - n, self.held)
 
     def clone(self) -> "KVCache":
-        """An independent copy, so one question's tokens never reach another's cache."""
-        return KVCache([layer.clone() for layer in self.layers], self.seq_len)
+        """An independent copy, so one question's tokens never reach another's cache (the held
+        tokens are only ever read, so the copy shares them)."""
+        return KVCache([layer.clone() for layer in self.layers], self.seq_len, self.held)
 
 
 def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.kvcache import KVCache, LayerKV
+from core.kvcache import HeldTokens, KVCache, LayerKV
 from core.methods import FullKV, LayerInput, Method
 from core.models import check_supported
 from core.progress import Progress, no_progress
+from core.revival import Revival
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -54,25 +55,33 @@ class Runner:
         cos, sin = self.decoder.rotary_emb(h, positions.unsqueeze(0))
         return cos[0], sin[0]  # [n, head_dim]
 
+    def heads(self, x: Tensor, projection, norm=None) -> Tensor:
+        """One projection of x [n, hidden] split into heads -> [heads, n, head_dim] (qwen3 norms each head)."""
+        states = projection(x).view(x.shape[0], -1, self.head_dim)
+        return (states if norm is None else norm(states)).transpose(0, 1)
+
     def qkv(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of normed hidden states x [n, hidden] -> q [heads, n, d], k/v [kv_heads, n, d]."""
-        attn, n = layer.self_attn, x.shape[0]
-        q = attn.q_proj(x).view(n, -1, self.head_dim)
-        k = attn.k_proj(x).view(n, -1, self.head_dim)
-        v = attn.v_proj(x).view(n, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self.queries(layer, x, cos, sin), self.keys(layer, x, cos, sin), self.heads(x, layer.self_attn.v_proj)
 
-    def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def queries(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        attn = layer.self_attn
+        return apply_rope(self.heads(x, attn.q_proj, getattr(attn, "q_norm", None)), cos, sin)
+
+    def keys(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        attn = layer.self_attn
+        return apply_rope(self.heads(x, attn.k_proj, getattr(attn, "k_norm", None)), cos, sin)
+
+    def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden].
 
-        The queries are the last q.shape[1] of the keys' tokens: `causal` (prefill) or an explicit
-        `mask` (appended tokens) says so to SDPA; flash-attn's causal mask is aligned bottom-right,
-        which is that same mask in both cases.
+        Without a `mask`, the queries are the last q.shape[1] of the keys' tokens, causal among
+        themselves: flash-attn's causal mask is aligned bottom-right, which is that mask; SDPA's
+        `is_causal` aligns it top-left, so appended queries get it explicitly. A `mask` [heads, n, keys]
+        (True: may attend) is for queries placed anywhere among the keys, and always goes to SDPA.
         """
-        if self.flash is not None:
+        n, total = q.shape[1], k.shape[1]
+        if mask is None and self.flash is not None:
             o = self.flash(
                 q.transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
@@ -80,7 +89,10 @@ class Runner:
                 softmax_scale=layer.self_attn.scaling,
                 causal=True,
             )  # [1, n, heads, d]
-            return layer.self_attn.o_proj(o[0].reshape(q.shape[1], -1))
+            return layer.self_attn.o_proj(o[0].reshape(n, -1))
+        causal = mask is None and n == total
+        if mask is None and not causal:
+            mask = appended_mask(n, total, q.device)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0),
             k.unsqueeze(0),
@@ -90,7 +102,7 @@ class Runner:
             scale=layer.self_attn.scaling,
             enable_gqa=True,
         )  # [1, heads, n, d]
-        return layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(q.shape[1], -1))
+        return layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(n, -1))
 
     def mlp(self, layer, h: Tensor) -> Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -99,11 +111,14 @@ class Runner:
         return self.model.lm_head(self.decoder.norm(h_last)).float()
 
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress) -> Prefill:
+    def prefill(
+        self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress, hold: bool = False
+    ) -> Prefill:
         """Run the context ids [L] through every layer; the method picks what each layer caches and passes on.
 
         Attention itself is always exact over the tokens a layer sees; only the cache and the set of
-        tokens that reach deeper layers (Token-Selective Propagation) are reduced.
+        tokens that reach deeper layers (Token-Selective Propagation) are reduced. With `hold`, the
+        cache also keeps the hidden states of the tokens TSP drops, for a question to revive.
         """
         method = method or FullKV()
         positions = torch.arange(ids.shape[0], device=ids.device)  # original positions of the tokens present
@@ -112,7 +127,7 @@ class Runner:
         cache, layer_tokens = KVCache(seq_len=ids.shape[0]), []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
-            h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
+            h = self.mlp(layer, h + self.attend(layer, q, k, v))
             layer_tokens.append(h.shape[0])
             selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
             if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
@@ -124,34 +139,65 @@ class Runner:
             cache.layers.append(layer_kv if selection.keep is None else layer_kv.select(selection.keep))
             if selection.propagate is not None:
                 keep = selection.propagate
+                if hold:
+                    dropped = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+                    dropped[keep] = False
+                    cache.held = HeldTokens(i, h[dropped], positions[dropped])
                 h, positions, cos, sin = h[keep], positions[keep], cos[keep], sin[keep]
             progress("prefill", i + 1, self.num_layers)
         return Prefill(cache, self.logits(h[-1]), layer_tokens)
 
     @torch.inference_mode()
-    def extend(self, cache: KVCache, ids: Tensor, method: Method | None = None) -> Tensor:
+    def extend(
+        self, cache: KVCache, ids: Tensor, method: Method | None = None, revival: Revival | None = None
+    ) -> Tensor:
         """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
 
-        New tokens attend to every cached key and causally to each other. SDPA's `is_causal`
-        aligns the triangle top-left when queries and keys differ in length, so the mask is explicit.
-        With a `method`, each layer's cache is then re-selected with the new tokens as the
-        scoring window (the second stage of a saved cache: the question picks what stays).
+        New tokens attend to every cached key and causally to each other. With a `method`, each
+        layer's cache is then re-selected with the new tokens as the scoring window (the second stage
+        of a saved cache: the question picks what stays). With a `revival` and held tokens in the
+        cache, the held tokens the new ones rank high run through the layers past the TSP layer with
+        them (core/revival.py).
         """
         n = ids.shape[0]
         positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
         h = self.decoder.embed_tokens(ids)
         cos, sin = self.rope(h, positions)
+        revive_at = None if revival is None or cache.held is None else cache.held.layer + 1
         for i, layer in enumerate(self.decoder.layers):
+            if i == revive_at:
+                h, positions = self.revive(layer, cache, h, positions, revival)
+                cos, sin = self.rope(h, positions)
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
-            mask = appended_mask(n, layer_kv.length, ids.device)
-            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
+            mask = None
+            if positions.shape[0] > n:  # revived tokens sit among the cached ones: each sees the keys up to it
+                visible = layer_kv.positions.unsqueeze(1) <= positions.unsqueeze(-1)  # [kv_heads, new, keys]
+                mask = visible.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
+            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask))
             if method is not None:
                 selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, q, layer_kv.keys))
                 if selection.keep is not None:
-                    cache.layers[i] = layer_kv.select(selection.keep)
+                    layer_kv = cache.layers[i] = layer_kv.select(selection.keep)
+            if positions.shape[0] > n:
+                cache.layers[i] = layer_kv.in_position_order()
         cache.seq_len += n
         return self.logits(h[-1])
+
+    def revive(self, layer, cache: KVCache, h: Tensor, positions: Tensor, revival: Revival) -> tuple[Tensor, Tensor]:
+        """At the first layer past TSP: the held tokens the new tokens h [n, hidden] rank in their top
+        `revival.count`, placed before them -> (hidden states, positions) to run on from here."""
+        held = cache.held
+        cached = cache.layers[held.layer + 1]
+        x = layer.input_layernorm(h)
+        cos, sin = self.rope(h, positions)
+        q = self.queries(layer, x, cos, sin)
+        held_cos, held_sin = self.rope(held.hidden, held.positions)
+        held_keys = self.keys(layer, layer.input_layernorm(held.hidden), held_cos, held_sin)
+        keys = torch.cat([cached.keys, held_keys, self.keys(layer, x, cos, sin)], dim=1)
+        context_positions = torch.cat([cached.positions, held.positions.expand(self.num_kv_heads, -1)], dim=1)
+        chosen = revival.chosen(q, keys, context_positions, held.positions, cache.seq_len)
+        return torch.cat([held.hidden[chosen], h]), torch.cat([held.positions[chosen], positions])
 
 
 def flash_attention(device: torch.device, dtype: torch.dtype):

@@ -17,9 +17,11 @@ from safetensors.torch import save
 
 from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
-from core.kvcache import KVCache, LayerKV, page_coverage
+from core.kvcache import HeldTokens, KVCache, LayerKV, page_coverage
+from core.methods.scoring import POOLINGS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 had no held tokens and no `held_layer`
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +46,7 @@ MANIFEST_SCHEMA = {
     "method": {"name": str, "parameters": dict},
     "query_budget": (str, type(None)),
     "steering_questions": int,
+    "held_layer": (int, type(None)),
     "context_tokens": int,
     "dropped_tokens": int,
     "template": {"question_prefix": str, "tail": str},
@@ -86,6 +89,9 @@ def cache_tensors(cache: KVCache, dtype: torch.dtype) -> dict[str, torch.Tensor]
         tensors[f"layers.{i}.keys"] = layer.keys.to(dtype).contiguous().cpu()
         tensors[f"layers.{i}.values"] = layer.values.to(dtype).contiguous().cpu()
         tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
+    if cache.held is not None:
+        tensors["held.hidden"] = cache.held.hidden.to(dtype).contiguous().cpu()
+        tensors["held.positions"] = cache.held.positions.to(torch.int32).contiguous().cpu()
     return tensors
 
 
@@ -154,7 +160,8 @@ def load_cache(
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
-    cache = KVCache(layers, manifest["context_tokens"])
+    held = held_from_tensors(path, tensors, manifest)
+    cache = KVCache(layers, manifest["context_tokens"], None if held is None else held.to(device, dtype))
     return cache, manifest
 
 
@@ -199,8 +206,11 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
     except UnicodeEncodeError:  # "\udcff" escapes: valid JSON, but not text that can be printed
         raise CacheFileError(f"{path}: the manifest holds invalid Unicode text") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        readable = " and ".join(map(str, READABLE_VERSIONS))
+        raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads versions {readable}")
+    if version == 1:
+        manifest["held_layer"] = None
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -224,6 +234,14 @@ def check_values(manifest: dict) -> None:
     for key in ("dropped_tokens", "steering_questions"):
         if manifest[key] < 0:
             raise CacheFileError(f"manifest.{key} should not be negative, not {manifest[key]}")
+    held_layer = manifest["held_layer"]
+    if held_layer is not None and not 0 <= held_layer < manifest["model"]["num_layers"] - 1:
+        raise CacheFileError(f"manifest.held_layer should be a layer before the last, not {held_layer}")
+    parameters = manifest["method"]["parameters"]
+    if held_layer is not None and not (
+        type(parameters.get("tsp_kernel")) is int and parameters.get("pooling") in POOLINGS
+    ):
+        raise CacheFileError("manifest.method.parameters should give the tsp_kernel and pooling that rank held tokens")
     for i, document in enumerate(manifest["documents"]):
         where = f"manifest.documents[{i}]"
         if min(document["size"], document["pages"], document["tokens"]) < 0:
@@ -246,8 +264,11 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     expected_names = {
         f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")
     }
+    if manifest["held_layer"] is not None:
+        expected_names |= {"held.hidden", "held.positions"}
     if set(tensors) != expected_names:
-        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers")
+        held = "" if manifest["held_layer"] is None else " and held tokens"
+        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers{held}")
     layers = []
     for i in range(model["num_layers"]):
         keys, values, positions = (tensors[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
@@ -266,6 +287,22 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     return layers
 
 
+def held_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> HeldTokens | None:
+    if manifest["held_layer"] is None:
+        return None
+    hidden, positions = tensors["held.hidden"], tensors["held.positions"]
+    m = positions.shape[0] if positions.dim() == 1 else -1
+    if tuple(hidden.shape) != (m, manifest["model"]["hidden_size"]):
+        raise CacheFileError(f"{path}: the held tokens have tensors of the wrong shape")
+    if positions.dtype != torch.int32 or hidden.dtype != CACHE_DTYPES[manifest["dtype"]]:
+        raise CacheFileError(f"{path}: the held tokens have tensors of the wrong dtype")
+    if m and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
+        raise CacheFileError(f"{path}: the held tokens have positions outside the context")
+    if not (positions[1:] > positions[:-1]).all():
+        raise CacheFileError(f"{path}: the held tokens have positions out of order")
+    return HeldTokens(manifest["held_layer"], hidden, positions)
+
+
 def describe_cache(path: Path) -> dict:
     """What `cache info` shows: the verified manifest, sizes, and per-page share of kept tokens."""
     cache, manifest = load_cache(path)
@@ -274,5 +311,6 @@ def describe_cache(path: Path) -> dict:
         "file_bytes": path.stat().st_size,
         "manifest": manifest,
         "kept_tokens_per_layer": cache.kept_tokens_per_layer,
+        "held_tokens": 0 if cache.held is None else cache.held.positions.shape[0],
         "page_coverage": [page_coverage(cache, document["page_token_spans"]) for document in manifest["documents"]],
     }

@@ -112,6 +112,12 @@ def cache_info_view(info: dict) -> Group:
         ("query re-selection", manifest["query_budget"] or "none: answers use every stored token"),
         ("steering questions", str(manifest["steering_questions"])),
         (
+            "held tokens",
+            f"{info['held_tokens']:,}, revived by questions that need them (after layer {manifest['held_layer']})"
+            if info["held_tokens"]
+            else "none",
+        ),
+        (
             "context tokens",
             f"{manifest['context_tokens']:,}"
             + (f" ({manifest['dropped_tokens']:,} dropped)" if manifest["dropped_tokens"] else ""),

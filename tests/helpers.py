@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from core.documents import Document
+from core.kvcache import KVCache
 from fastkv_cli.app import app
 
 
@@ -47,3 +48,28 @@ def hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def random_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     """n seeded random token ids [n] below `vocab`, on the CPU."""
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+DTYPE_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.is_floating_point():
+        a, b = a.view(DTYPE_BITS[a.dtype]), b.view(DTYPE_BITS[b.dtype])
+    assert torch.equal(a, b)
+
+
+def assert_same_cache(a: KVCache, b: KVCache) -> None:
+    """Every layer's keys, values and positions, and the held tokens, equal bit for bit."""
+    assert a.seq_len == b.seq_len
+    assert len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert_bit_equal(x.keys, y.keys)
+        assert_bit_equal(x.values, y.values)
+        assert_bit_equal(x.positions, y.positions)
+    assert (a.held is None) == (b.held is None)
+    if a.held is not None:
+        assert a.held.layer == b.held.layer
+        assert_bit_equal(a.held.hidden, b.held.hidden)
+        assert_bit_equal(a.held.positions, b.held.positions)

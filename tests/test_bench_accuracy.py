@@ -10,11 +10,11 @@ import torch
 
 from core.engine import Engine
 from core.generation import Decoding
-from core.kvcache import KVCache
 from core.methods import Budget, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import PromptTemplate
 from core.runner import Runner
+from tests.helpers import assert_same_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as top-level modules
@@ -31,13 +31,6 @@ BUDGETS = ["10%", "25%", "40"]
 
 def random_ids(n: int, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_same_cache(a: KVCache, b: KVCache) -> None:
-    assert a.seq_len == b.seq_len and len(a.layers) == len(b.layers)
-    for x, y in zip(a.layers, b.layers, strict=True):
-        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
-        assert torch.equal(x.positions, y.positions)
 
 
 # --- docqa data -------------------------------------------------------------------------------------

@@ -292,6 +292,19 @@ def test_info_json_has_kept_tokens_and_page_coverage(built):
     assert any(share > 0 for share in pdf_pages + notes_pages)
 
 
+def test_info_counts_the_held_tokens_of_a_two_stage_cache(built, documents, model, tmp_path):
+    two_stage = tmp_path / "two-stage.fkv"
+    assert build(documents, two_stage, model, "--budget", "50%", "--query-budget", "10%", "--quiet").exit_code == 0
+
+    [one_stage_info] = json_lines(fastkv("cache", "info", built[0], "--json"))
+    [info] = json_lines(fastkv("cache", "info", two_stage, "--json"))
+    shown = fastkv("cache", "info", two_stage).stdout
+
+    assert one_stage_info["held_tokens"] == 0 and one_stage_info["manifest"]["held_layer"] is None
+    assert info["held_tokens"] == load_cache(two_stage)[0].held.positions.numel() > 0
+    assert f"{info['held_tokens']:,}, revived by questions that need them (after layer 1)" in shown
+
+
 # --- refusals ---------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import core.methods
 from core.errors import InputError
 from core.generation import generate
-from core.kvcache import KVCache
 from core.methods import Budget, LayerInput, make_method
 from core.methods.fastkv import FastKV
 from core.methods.gemfilter import GemFilter
@@ -24,6 +23,7 @@ from core.methods.scoring import window_scores
 from core.methods.snapkv import SnapKV
 from core.methods.streamingllm import StreamingLLM
 from core.runner import Runner
+from tests.helpers import assert_same_cache
 
 WINDOW = 8  # the methods' default scoring window
 SINKS = 4  # StreamingLLM's default attention sinks
@@ -183,15 +183,6 @@ def test_fastkv_at_full_rate_is_fullkv(tiny_model, rate):
     assert (fast.logits - full.logits).abs().max() < 1e-4
     assert fast.layer_tokens == full.layer_tokens
     assert_same_cache(fast.cache, full.cache)
-
-
-def assert_same_cache(cache: KVCache, expected: KVCache):
-    assert cache.seq_len == expected.seq_len
-    assert len(cache.layers) == len(expected.layers)
-    for layer, reference in zip(cache.layers, expected.layers, strict=True):
-        assert torch.equal(layer.keys, reference.keys)
-        assert torch.equal(layer.values, reference.values)
-        assert torch.equal(layer.positions, reference.positions)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -22,7 +22,7 @@ from core.models import LoadedModel, load_model
 from core.prompt import encode_question
 from core.stats import RunStats
 from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
-from tests.helpers import make_document
+from tests.helpers import assert_bit_equal, assert_same_cache, make_document
 
 QUESTION = "When was the lighthouse automated?"
 OTHER_QUESTION = "Who designed the tower?"
@@ -32,7 +32,6 @@ PAGES = [
 ]
 RESERVED = 128  # the tiny folder's window is 512, less than build's default reserve
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
-DTYPE_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,11 @@ def saved(engine, document) -> SavedContext:
 
 
 @pytest.fixture(scope="module")
+def two_stage(engine, document) -> SavedContext:
+    return build(engine, document, query_budget="20%")
+
+
+@pytest.fixture(scope="module")
 def cache_file(tmp_path_factory, saved) -> Path:
     path = tmp_path_factory.mktemp("fkv") / "harrow.fkv"
     save_cache(path, saved.cache, saved.manifest, "float16")
@@ -65,22 +69,6 @@ def cache_file(tmp_path_factory, saved) -> Path:
 
 def snapshot(cache: KVCache) -> KVCache:
     return cache.clone()
-
-
-def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.is_floating_point():
-        a, b = a.view(DTYPE_BITS[a.dtype]), b.view(DTYPE_BITS[b.dtype])
-    assert torch.equal(a, b)
-
-
-def assert_same_cache(a: KVCache, b: KVCache) -> None:
-    assert a.seq_len == b.seq_len
-    assert len(a.layers) == len(b.layers)
-    for x, y in zip(a.layers, b.layers, strict=True):
-        assert_bit_equal(x.keys, y.keys)
-        assert_bit_equal(x.values, y.values)
-        assert_bit_equal(x.positions, y.positions)
 
 
 def json_roundtrip(value):
@@ -123,10 +111,33 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 1, "dtype": "float32"})
+    expected = json_roundtrip({**saved.manifest, "format_version": 2, "dtype": "float32"})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
+
+
+def test_two_stage_round_trip_keeps_the_held_tokens_bit_exact(two_stage, tmp_path):
+    path = tmp_path / "c.fkv"
+
+    save_cache(path, two_stage.cache, two_stage.manifest, "float32")
+    cache, manifest = load_cache(path, "cpu", None)
+
+    assert two_stage.cache.held is not None and two_stage.cache.held.positions.numel() > 0
+    assert manifest["held_layer"] == two_stage.cache.held.layer == NUM_LAYERS // 2 - 1
+    assert_same_cache(cache, two_stage.cache)
+
+
+def test_a_version_1_file_still_loads_without_held_tokens(cache_file, tmp_path):
+    def as_version_1(manifest):
+        manifest["format_version"] = 1
+        del manifest["held_layer"]
+
+    path = rewrite_manifest(cache_file, tmp_path / "v1.fkv", as_version_1)
+
+    cache, manifest = load_cache(path)
+    assert manifest["held_layer"] is None and cache.held is None
+    assert_same_cache(cache, load_cache(cache_file)[0])
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
@@ -162,7 +173,10 @@ def test_round_trip_for_every_model_family(tiny_model, tiny_tokenizer, document,
 # --- 2. answers from a saved cache --------------------------------------------------------------------
 
 
-def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, saved, tmp_path, token_log):
+@pytest.mark.parametrize("query_budget", [None, "20%"], ids=["one-stage", "two-stage"])
+def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, document, tmp_path, token_log, query_budget):
+    saved = build(engine, document, query_budget=query_budget)
+    assert (saved.cache.held is not None) == (query_budget is not None)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
     cache, manifest = load_cache(path, "cpu", torch.float32)
@@ -296,7 +310,8 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(2, "format_version"), "format version 2"),
+    "future-version": (assign(3, "format_version"), "format version 3"),
+    "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
     "missing-field": (delete("context_tokens"), "manifest.context_tokens is missing"),
@@ -304,6 +319,8 @@ MANIFEST_CASES = {
     "missing-document-field": (delete("documents", 0, "sha256"), "manifest.documents[0].sha256 is missing"),
     "string-for-int": (lambda m: m.update(context_tokens=str(m["context_tokens"])), "should be int, not str"),
     "bool-for-int": (assign(True, "steering_questions"), "steering_questions should be int, not bool"),
+    "string-for-held-layer": (assign("1", "held_layer"), "held_layer should be int or NoneType, not str"),
+    "held-layer-past-the-last": (assign(NUM_LAYERS - 1, "held_layer"), "held_layer should be a layer before the last"),
     "float-for-int": (assign(4.0, "model", "num_layers"), "num_layers should be int, not float"),
     "int-for-str": (assign(7, "tokenizer_sha256"), "tokenizer_sha256 should be str, not int"),
     "list-for-object": (assign([], "template"), "manifest.template should be an object"),
@@ -468,6 +485,57 @@ TENSOR_CASES = {
 }
 
 
+def drop_held(tensors):
+    del tensors["held.hidden"], tensors["held.positions"]
+
+
+def unordered(positions):
+    return positions.flip(0).contiguous()
+
+
+HELD_CASES = {
+    "held-tensors-missing": (drop_held, "and held tokens"),
+    "held-hidden-too-narrow": (update("held.hidden", lambda h: h[:, 1:].contiguous()), "wrong shape"),
+    "held-hidden-row-less": (update("held.hidden", lambda h: h[1:].contiguous()), "wrong shape"),
+    "held-hidden-in-float32": (
+        update("held.hidden", lambda h: h.float()),
+        "held tokens have tensors of the wrong dtype",
+    ),
+    "held-positions-unordered": (update("held.positions", unordered), "held tokens have positions out of order"),
+    "held-position-past-the-context": (
+        update("held.positions", lambda p: torch.cat([p[:-1], p.new_tensor([10**6])])),
+        "held tokens have positions outside the context",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def two_stage_file(tmp_path_factory, two_stage) -> Path:
+    path = tmp_path_factory.mktemp("fkv") / "two-stage.fkv"
+    save_cache(path, two_stage.cache, two_stage.manifest, "float16")
+    return path
+
+
+@pytest.mark.parametrize("case", list(HELD_CASES))
+def test_bad_held_tokens_are_refused_naming_the_cause(two_stage_file, tmp_path, case):
+    edit, needle = HELD_CASES[case]
+    path = rewrite_tensors(two_stage_file, tmp_path / f"{case}.fkv", edit)
+
+    assert needle in refusal(load_cache, path)
+
+
+def test_held_tokens_without_their_ranking_parameters_are_refused(two_stage_file, tmp_path):
+    path = rewrite_manifest(two_stage_file, tmp_path / "no-kernel.fkv", delete("method", "parameters", "tsp_kernel"))
+
+    assert "should give the tsp_kernel and pooling that rank held tokens" in refusal(load_cache, path)
+
+
+def test_held_tensors_without_a_held_layer_are_refused(two_stage_file, tmp_path):
+    path = rewrite_manifest(two_stage_file, tmp_path / "no-layer.fkv", assign(None, "held_layer"))
+
+    assert "tensors do not match the model's 4 layers" in refusal(load_cache, path)
+
+
 @pytest.mark.parametrize("case", list(TENSOR_CASES))
 def test_bad_tensors_are_refused_naming_the_cause(cache_file, tmp_path, case):
     edit, needle = TENSOR_CASES[case]
@@ -602,8 +670,8 @@ def extended_caches(engine, monkeypatch) -> list[KVCache]:
     caches: list[KVCache] = []
     real_extend = engine.runner.extend
 
-    def spy(cache, ids, method=None):
-        logits = real_extend(cache, ids, method)
+    def spy(cache, ids, method=None, revival=None):
+        logits = real_extend(cache, ids, method, revival)
         if not caches:
             caches.append(cache)
         return logits
@@ -666,6 +734,23 @@ def test_without_a_query_budget_every_stored_token_is_kept(engine, document, ext
 
 
 # --- 6. steering questions --------------------------------------------------------------------------------
+
+
+def test_a_two_stage_query_revives_held_tokens_into_the_deeper_layers(engine, two_stage, extended_caches):
+    engine.query(two_stage, QUESTION, decoding=Decoding(max_new_tokens=1))
+
+    [cache] = extended_caches
+    held, tsp_layer = set(two_stage.cache.held.positions.tolist()), two_stage.cache.held.layer
+    context = two_stage.manifest["context_tokens"]
+    question = set(range(context, context + question_length(engine, QUESTION)))
+    revived = set()
+    for i, (layer, stored) in enumerate(zip(cache.layers, two_stage.cache.layers, strict=True)):
+        for head in range(KV_HEADS):
+            positions = layer.positions[head].tolist()
+            allowed = set(stored.positions[head].tolist()) | question | (held if i > tsp_layer else set())
+            assert positions == sorted(positions) and set(positions) <= allowed
+            revived |= set(positions) & held
+    assert revived  # this question ranks some of what the build's window dropped
 
 
 def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document):

@@ -103,6 +103,10 @@ class Method:
         """Cache entries per KV head, summed over layers, held at the prefill's peak (memory estimate)."""
         return context_len * num_layers
 
+    def unpropagated_tokens(self, context_len: int) -> int:
+        """Tokens of the prompt that the deepest layers never run on."""
+        return 0
+
     def steered(self, context_len: int, extra: int) -> "Method":
         """This method for a prompt of `context_len` tokens followed by `extra` steering tokens
         that act as the scoring window and are dropped afterwards (their count comes on top of

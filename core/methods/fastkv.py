@@ -37,6 +37,9 @@ class FastKV(SnapKV):
         (deeper layers can cache only what reaches them)."""
         return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.window)
 
+    def unpropagated_tokens(self, context_len: int) -> int:
+        return max(context_len - self.propagated_tokens(context_len), 0)
+
     def steered(self, context_len: int, extra: int) -> "FastKV":
         if not extra:
             return self
