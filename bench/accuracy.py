@@ -1,8 +1,8 @@
 """Accuracy of every method and budget on passkey retrieval and document QA, query-aware and from saved caches.
 
 python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
-    [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680] [--modes ask agnostic two-stage]
-    [--limit N] [--model M] [--no-write]
+    [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680] [--modes ask agnostic two-stage query-aware]
+    [--limit N] [--model M] [--tag NAME] [--no-write]
 
 Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
 license texts at each prompt length, scored by exact digits; `docqa`, about 50 short factual questions on
@@ -12,7 +12,8 @@ substring match and token F1.
 Modes: `ask` puts the question at the end of the prompt (query-aware, as `fastkv ask`); `agnostic`
 builds a saved cache at the budget without the question, then appends it (`fastkv cache build` +
 `cache query`); `two-stage` builds at min(100%, 3 x budget) and lets each question re-select down to
-the budget (`--query-budget`). gemfilter re-prefills with new positions, so it has no saved cache.
+the budget (`--query-budget`); `query-aware` builds a cache paused at fastkv's TSP layer that each
+question resumes (`--query-aware`). gemfilter re-prefills with new positions, so it has no saved cache.
 Fidelity compares every answer with fullkv's `ask` answer to the same question: the share of equal
 greedy answers, and KL(fullkv || method) of the first answer token's distribution. It measures the
 compression itself, also where the small model answers wrongly.
@@ -27,6 +28,7 @@ Prefill seconds of a replayed method are the recorded prefill's plus that method
 """
 
 import argparse
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ TASKS = ("passkey", "docqa")
 DEFAULT_METHODS = ["fullkv", "fastkv", "snapkv", "streamingllm", "gemfilter"]
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 7680]
-MODES = ("ask", "agnostic", "two-stage")
+MODES = ("ask", "agnostic", "two-stage", "query-aware")
 MAX_NEW_TOKENS = 24
 STORED_FACTOR = 3.0
 TARGET_BUDGET = "20%"
@@ -124,6 +126,7 @@ def plan(methods: list[str], budgets: list[Budget], modes: list[str]) -> list[Va
     variants = [REFERENCE]
     for mode in modes:
         usable = [m for m in methods if m != "fullkv" and not (mode != "ask" and METHODS[m].restarts)]
+        usable = [m for m in usable if mode != "query-aware" or METHODS[m].propagates]  # it pauses at TSP
         variants += [Variant(mode, method, budget) for method in usable for budget in budgets]
     return variants
 
@@ -194,10 +197,16 @@ def run_saved(
     reserved = max(len(question_ids(engine, item.question)) for item in items) + settings.decoding.max_new_tokens
     record = partial(record_build, engine, [items[0].document], reserved=reserved)
     recording_for = shared_recordings(record, recording_of=lambda built: built[1])
+    paused: list[SavedContext] = []  # one paused build serves every budget: it caches every token
     outcomes = []
     for variant in (v for v in settings.variants if v.mode != "ask"):
         method, query_budget = variant_methods(variant, settings.stored_factor)
-        saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
+        if variant.mode == "query-aware":
+            paused = paused or [engine.build([items[0].document], method, None, reserved=reserved, query_aware=True)]
+            manifest = {**paused[0].manifest, "method": {"name": method.name, "parameters": method.parameters()}}
+            saved = SavedContext(paused[0].cache, manifest, paused[0].stats)
+        else:
+            saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
         for item, ref in zip(items, refs, strict=True):
             text, logits = query(engine, saved, item.question, settings.decoding)
             outcomes.append(outcome(item, variant, text, logits, saved.stats.prefill_s, ref))
@@ -303,12 +312,13 @@ def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, m
     table.caption = (
         "ask: the question ends the prompt (query-aware). agnostic: a saved cache built at the budget without the "
         f"question. two-stage: built at min(100%, {settings.stored_factor:g}× budget), each question re-selects down "
-        "to the budget. accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: "
+        "to the budget. query-aware: built paused at the TSP layer, each question resumes it as ask would. accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: "
         "token F1 (docqa). same as fullkv: greedy answer identical to fullkv's ask answer; KL: mean KL(fullkv ask ‖ "
         "method) of the first answer token (0 for snapkv and streamingllm in ask mode: they compress after an exact "
         "prefill, so only later tokens can differ). "
         f"Greedy, at most {settings.decoding.max_new_tokens} new tokens. prefill s: "
-        "ask: context + question; saved modes: the document's build (once per document, shared by its questions). "
+        "ask: context + question; saved modes: the document's build (once per document, shared by its questions; "
+        "a query-aware query then runs the deeper layers on the tokens its question selects, bench/cache.py times it). "
         f"Whole run: {minutes:.0f} min."
     )
     return table
@@ -376,14 +386,15 @@ def fidelity_check(outcomes: list[Outcome], budget: Budget) -> str:
     return verdict(None if s is None else s.same >= 70, target, "—" if s is None else f"{s.same:.1f}%, n={s.n}")
 
 
-def two_stage_checks(outcomes: list[Outcome], budget: Budget) -> list[str]:
+def saved_cache_checks(outcomes: list[Outcome], budget: Budget) -> list[str]:
     lines = []
-    for task in tasks_of(outcomes):
-        target = f"{task}: fastkv two-stage saved cache within 3 points of ask at {budget}"
-        asked = accuracy(outcomes, task, Variant("ask", "fastkv", budget))
-        saved = accuracy(outcomes, task, Variant("two-stage", "fastkv", budget))
-        ok = None if asked is None or saved is None else saved >= asked - 3
-        lines.append(verdict(ok, target, f"two-stage {fmt(saved)} vs ask {fmt(asked)}"))
+    for mode in ("query-aware", "two-stage"):
+        for task in tasks_of(outcomes):
+            target = f"{task}: fastkv {mode} saved cache within 3 points of ask at {budget}"
+            asked = accuracy(outcomes, task, Variant("ask", "fastkv", budget))
+            saved = accuracy(outcomes, task, Variant(mode, "fastkv", budget))
+            ok = None if asked is None or saved is None else saved >= asked - 3
+            lines.append(verdict(ok, target, f"{mode} {fmt(saved)} vs ask {fmt(asked)}"))
     return lines
 
 
@@ -392,7 +403,7 @@ def checks(outcomes: list[Outcome]) -> list[str]:
     budget, tasks = Budget.parse(TARGET_BUDGET), tasks_of(outcomes)
     lines = [passkey_check(outcomes, budget)] if "passkey" in tasks else []
     lines += [docqa_check(outcomes, budget)] if "docqa" in tasks else []
-    return [*lines, fidelity_check(outcomes, budget), *two_stage_checks(outcomes, budget)]
+    return [*lines, fidelity_check(outcomes, budget), *saved_cache_checks(outcomes, budget)]
 
 
 def fullkv_line(outcomes: list[Outcome]) -> str:
@@ -406,7 +417,7 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) ->
     tasks = tasks_of(outcomes)
     budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
     methods = list(dict.fromkeys(v.method for v in settings.variants if v.budget is not None))
-    styles = {"ask": "-o", "two-stage": "--s", "agnostic": ":^"}
+    styles = {"ask": "-o", "query-aware": "-.D", "two-stage": "--s", "agnostic": ":^"}
     fig = Figure(figsize=(6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
@@ -438,6 +449,12 @@ def task_items(name: str, engine: Engine, lengths: list[int]) -> list[Item]:
     return docqa.items()
 
 
+def tag(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not lowercase letters, digits and single dashes")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -450,6 +467,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer length limit")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--tag",
+        type=tag,
+        help="write a focused run to its own docs/ section and plot, named with NAME (a-z, 0-9, -), beside the full run's",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     return parser, parser.parse_args(argv)
 
@@ -481,7 +503,9 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
     print(f"whole run: {minutes:.1f} min")
     if not args.no_write:
-        report = Report.of("accuracy", "Accuracy per method, budget and mode", engine.loaded.spec)
+        heading = "Accuracy per method, budget and mode" + (f" ({args.tag})" if args.tag else "")
+        name = "accuracy" + (f"-{args.tag}" if args.tag else "")
+        report = Report.of(name, heading, engine.loaded.spec)
         plot(outcomes, settings, f"Accuracy against KV budget, {engine.loaded.name}", report.plot)
         reduced = reduced_run(
             tasks=(args.tasks, list(TASKS)),

@@ -12,13 +12,12 @@ from core.documents import Document
 from core.errors import CacheFileError, ContextOverflowError, InputError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
-from core.memory import MemoryGuard, Saving
-from core.methods import DEFAULT_METHOD, Budget, Method, make_method
+from core.memory import MemoryGuard
+from core.methods import DEFAULT_METHOD, Budget, Method, PauseAfter, make_method
 from core.methods.snapkv import SnapKV
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
-from core.revival import Revival
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
 from core.store import CACHE_DTYPES
@@ -65,27 +64,28 @@ def document_summaries(documents: list[Document], context: Context) -> list[dict
     ]
 
 
-def query_reselection(manifest: dict, budget: Budget | None, question_tokens: int) -> SnapKV | None:
-    """Two-stage selection: the question's own tokens score the stored ones and keep `budget`
-    (default: the file's query budget); None when answers should use every stored token."""
+def query_method(manifest: dict, budget: Budget | None, question_tokens: int) -> Method | None:
+    """How a query selects from a saved context. A query-aware (paused) cache: the method it was built
+    with, at `budget` if given, exactly as `ask` runs it. Otherwise two-stage selection: the question's
+    own tokens score the stored ones and keep `budget` (default: the file's query budget); None when
+    answers should use every stored token."""
+    method, parameters = manifest["method"]["name"], manifest["method"]["parameters"]
+    if manifest["paused_layer"] is not None:
+        return make_method(method, **{**parameters, "budget": budget or parameters["budget"]})
     if budget is None and manifest["query_budget"] is not None:
         budget = Budget.parse(manifest["query_budget"])
     if budget is None:
         return None
-    return SnapKV(budget, window=question_tokens, pooling=manifest["method"]["parameters"].get("pooling", "maxpool"))
+    return SnapKV(budget, window=question_tokens, pooling=parameters.get("pooling", "maxpool"))
 
 
-def query_revival(manifest: dict, cache: KVCache, reselect: SnapKV | None) -> Revival | None:
-    """How a question revives the held tokens of a two-stage cache: as many context tokens as `ask`'s
-    TSP would pass on at the query's budget, ranked like the build's TSP; None when nothing is held
-    or the answer uses every stored token."""
-    if cache.held is None or reselect is None:
-        return None
-    parameters = manifest["method"]["parameters"]
-    tsp = make_method(manifest["method"]["name"], **{**parameters, "budget": reselect.budget})
-    question = reselect.window
-    count = tsp.propagated_tokens(manifest["context_tokens"] + question) - question
-    return Revival(count, parameters["pooling"], parameters["tsp_kernel"])
+def check_query_aware(method: Method, query_budget: Budget | None, questions: list[str]) -> None:
+    """A query-aware build pauses where the method starts selecting by the question: fastkv's TSP layer."""
+    if not method.propagates:
+        raise InputError(f"--query-aware pauses at fastkv's TSP layer; --method {method.name} has none")
+    if questions or query_budget is not None:
+        given = "--questions" if questions else "--query-budget"
+        raise InputError(f"{given} does not apply to --query-aware: each question selects for itself")
 
 
 def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
@@ -180,34 +180,38 @@ class Engine:
         progress: Progress = no_progress,
         cache_dtype: str = "float16",
         ignore_memory: bool = False,
-        hold: bool | None = None,
+        query_aware: bool = False,
     ) -> SavedContext:
         """Prefill the documents without knowing the question, for a cache to save and query later.
 
         With `questions`, they are appended for the prefill so their tokens are the scoring window
         (they steer selection), then dropped from the cache. `query_budget` is what each query
         re-selects the stored tokens down to, with its own question as the window (two-stage).
-        A two-stage cache also holds what TSP drops, for each question to revive what it needs
-        (`hold`, by default whether there is a `query_budget`; core/revival.py).
+        `query_aware`: pause the prefill at the layer from which `method` selects by the question
+        (fastkv's TSP layer), caching every token up to there; each query resumes it with `method`
+        and its own question, so it answers exactly as `ask` (a larger file, a longer query).
         Memory is checked as in `ask`, including saving the cache in `cache_dtype`.
         """
         if method.restarts:
             raise InputError(
                 f"--method {method.name} re-prefills with new positions; a saved cache needs original positions"
             )
+        if query_aware:
+            check_query_aware(method, query_budget, questions)
+        pause = method.pause_layer(self.runner.num_layers) if query_aware else None
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        hold = query_budget is not None if hold is None else hold
-        saving = Saving(CACHE_DTYPES.get(cache_dtype, torch.float32), hold)
-        most = memory_room(guard, truncate, method, len(steering), saving=saving)
+        saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
+        prefilled = method if pause is None else PauseAfter(pause)
+        most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
-        selection = method.steered(len(context.ids), len(steering))
+        selection = prefilled.steered(len(context.ids), len(steering))
         if guard:
             tokens = len(context.ids) + len(steering)
-            guard.check(tokens, selection, saving=saving, truncating=truncate is not None)
+            guard.check(tokens, selection, saved_dtype=saved_dtype, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress, hold)
+        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
         cache = prefill.cache.without_last(len(steering))
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens, stats.layer_tokens = (
@@ -224,7 +228,7 @@ class Engine:
             "method": {"name": method.name, "parameters": method.parameters()},
             "query_budget": None if query_budget is None else str(query_budget),
             "steering_questions": len(questions),
-            "held_layer": None if cache.held is None else cache.held.layer,
+            "paused_layer": pause,
             "context_tokens": len(context.ids),
             "dropped_tokens": context.dropped_tokens,
             "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},
@@ -269,7 +273,7 @@ class Engine:
                 f"{needed:,} tokens, more than the model's window of {self.loaded.context_window:,}"
             )
         stats.tokenize_s = clock.lap()
-        cache, logits, reselect = self.append_question(saved, question_ids, budget)
+        cache, logits, selection = self.append_question(saved, question_ids, budget)
         stats.prefill_s = clock.lap()
         stats.context_tokens = cache.seq_len
         self.record_cache(stats, cache)
@@ -277,18 +281,17 @@ class Engine:
         stats.ttft_s += stats.cache_load_s or 0.0
         documents = [{key: doc[key] for key in ("name", "sha256", "pages", "tokens")} for doc in manifest["documents"]]
         method = manifest["method"]
-        label = str(reselect.budget) if reselect else method["parameters"].get("budget")
+        label = selection.budget_label if selection else method["parameters"].get("budget")
         return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)
 
     def append_question(
         self, saved: SavedContext, question_ids: list[int], budget: Budget | None = None
-    ) -> tuple[KVCache, torch.Tensor, SnapKV | None]:
-        """A fresh copy of the saved context with the question appended (re-selected down to the
-        query budget, held tokens revived) -> (cache, next-token logits, the re-selection used)."""
+    ) -> tuple[KVCache, torch.Tensor, Method | None]:
+        """A fresh copy of the saved context with the question appended and selected by `query_method`
+        -> (cache, next-token logits, that method)."""
         cache = saved.cache.clone()
-        reselect = query_reselection(saved.manifest, budget, len(question_ids))
-        revival = query_revival(saved.manifest, cache, reselect)
-        return cache, self.runner.extend(cache, self.tensor(question_ids), reselect, revival), reselect
+        method = query_method(saved.manifest, budget, len(question_ids))
+        return cache, self.runner.extend(cache, self.tensor(question_ids), method), method
 
     def record_cache(self, stats: RunStats, cache: KVCache) -> None:
         stats.kv_bytes_kept = cache.nbytes

@@ -58,10 +58,6 @@ class LayerKV:
         self.length = end
         return self
 
-    def in_position_order(self) -> "LayerKV":
-        """This layer with each head's tokens sorted by position (appending revived tokens breaks the order)."""
-        return self.select(self.positions.argsort(dim=-1))
-
     def grow(self, capacity: int) -> None:
         """Move into fresh buffers of `capacity` tokens (never writing into tensors we were given)."""
         grown = []
@@ -73,23 +69,23 @@ class LayerKV:
 
 
 @dataclass(frozen=True)
-class HeldTokens:
-    """The tokens Token-Selective Propagation did not pass on, as they left the TSP layer.
+class Paused:
+    """A prefill stopped after `layer`: the hidden states every context token had leaving it.
 
-    A saved two-stage cache keeps them so that a question can run the ones it needs through the
-    deeper layers (core/revival.py); the deeper layers' caches hold none of them.
+    A query-aware saved cache holds every token's keys and values up to `layer` (the TSP layer) and
+    nothing deeper; each question resumes the prefill from here with its own Token-Selective
+    Propagation, so it answers as `ask` would (Runner.extend).
     """
 
-    layer: int  # the TSP layer: `hidden` is its output
-    hidden: Tensor  # [m, hidden_size]
-    positions: Tensor  # [m] int64, increasing
+    layer: int
+    hidden: Tensor  # [context tokens, hidden_size], in position order
 
     @property
     def nbytes(self) -> int:
         return self.hidden.nbytes
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "HeldTokens":
-        return HeldTokens(self.layer, self.hidden.to(device, dtype), self.positions.to(device, torch.long))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "Paused":
+        return Paused(self.layer, self.hidden.to(device, dtype))
 
 
 @dataclass
@@ -97,12 +93,12 @@ class KVCache:
     """One LayerKV per decoder layer plus the true number of tokens consumed.
 
     `seq_len` is the position the next token gets: the context length, whatever the cache holds.
-    `held`: what TSP dropped, kept for revival by a question (two-stage saved caches only).
+    `paused`: where a query-aware cache's prefill stopped, for each question to resume it.
     """
 
     layers: list[LayerKV] = field(default_factory=list)
     seq_len: int = 0
-    held: HeldTokens | None = None
+    paused: Paused | None = None
 
     @property
     def nbytes(self) -> int:
@@ -120,12 +116,12 @@ class KVCache:
         for layer in self.layers:
             index = torch.arange(layer.length - n, device=layer.keys.device).expand(layer.keys.shape[0], -1)
             layers.append(layer.select(index))
-        return KVCache(layers, self.seq_len - n, self.held)
+        return KVCache(layers, self.seq_len - n, self.paused)
 
     def clone(self) -> "KVCache":
-        """An independent copy, so one question's tokens never reach another's cache (the held
-        tokens are only ever read, so the copy shares them)."""
-        return KVCache([layer.clone() for layer in self.layers], self.seq_len, self.held)
+        """An independent copy, so one question's tokens never reach another's cache (the paused
+        hidden states are only ever read, so the copy shares them)."""
+        return KVCache([layer.clone() for layer in self.layers], self.seq_len, self.paused)
 
 
 def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:

@@ -119,15 +119,6 @@ class MemoryEstimate:
         return self.weights + self.beyond_weights
 
 
-@dataclass(frozen=True)
-class Saving:
-    """How a build saves its cache: keys and values in `dtype`; with `holds`, also the hidden states of
-    the tokens TSP drops (a two-stage cache)."""
-
-    dtype: torch.dtype
-    holds: bool = False
-
-
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -172,25 +163,25 @@ def estimate_prefill(
     dtype: torch.dtype,
     device: str,
     new_tokens: int = 0,
-    saving: Saving | None = None,
+    saved_dtype: torch.dtype | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of prefilling `tokens` with `method` in `dtype` on `device` ("cpu" or "cuda"), then
-    decoding `new_tokens` (ask) or saving the cache as `saving` says (cache build)."""
+    decoding `new_tokens` (ask) or saving the cache in `saved_dtype` (cache build)."""
     s, b = Sizes.of(config), element_size(dtype)
     entry = 2 * b * s.kv_width + 8 * s.kv_heads  # keys, values and an int64 position per KV head
     slots = method.peak_cache_tokens(tokens, s.layers)
     held = held_bytes_per_token(s, b)
     allocated = allocated_bytes_per_token(s, b) + b * s.hidden + 2 * b * s.head_dim  # + what lives across layers
     growth = s.layers * max(new_tokens, DECODE_ROOM, slots // s.layers // 8) if new_tokens else 0
-    held = s.hidden * method.unpropagated_tokens(tokens) if saving and saving.holds else 0
+    paused = s.hidden * method.held_tokens(tokens)  # the hidden states a paused prefill keeps
     stored = 0
-    if saving is not None:
-        stored = 2 * slots * (2 * element_size(saving.dtype) * s.kv_width + 4 * s.kv_heads)
-        stored += 2 * held * element_size(saving.dtype)
+    if saved_dtype is not None:
+        stored = 2 * slots * (2 * element_size(saved_dtype) * s.kv_width + 4 * s.kv_heads)
+        stored += 2 * paused * element_size(saved_dtype)
     return MemoryEstimate(
         tokens=tokens,
         weights=s.parameters() * b,
-        cache=slots * entry + held * b,
+        cache=slots * entry + paused * b,
         activations=tokens * held,
         allocator=tokens * max(allocated - held, 0),
         attention=attention_bytes(s, tokens, b, device, getattr(method, "window", 8)),
@@ -229,9 +220,9 @@ class MemoryGuard:
         return cls(model.config, model.dtype, device.type, free, mapped, weights - mapped)
 
     def estimate(
-        self, tokens: int, method: Method, new_tokens: int = 0, saving: Saving | None = None, dtype=None
+        self, tokens: int, method: Method, new_tokens: int = 0, saved_dtype=None, dtype=None
     ) -> MemoryEstimate:
-        return estimate_prefill(self.config, tokens, method, dtype or self.dtype, self.device, new_tokens, saving)
+        return estimate_prefill(self.config, tokens, method, dtype or self.dtype, self.device, new_tokens, saved_dtype)
 
     def needed(self, estimate: MemoryEstimate) -> int:
         """Bytes the run still has to find: everything beyond the weights, and the mapped weights."""
@@ -240,41 +231,37 @@ class MemoryGuard:
     def fits(self, estimate: MemoryEstimate) -> bool:
         return self.needed(estimate) <= self.free
 
-    def most_tokens(self, method: Method, new_tokens: int = 0, saving: Saving | None = None) -> int:
+    def most_tokens(self, method: Method, new_tokens: int = 0, saved_dtype=None) -> int:
         """The longest prompt that fits (0: none)."""
-        return largest(0, 1 << 40, lambda n: self.fits(self.estimate(n, method, new_tokens, saving)))
+        return largest(0, 1 << 40, lambda n: self.fits(self.estimate(n, method, new_tokens, saved_dtype)))
 
-    def check(
-        self, tokens: int, method: Method, new_tokens: int = 0, saving: Saving | None = None, truncating: bool = False
-    ):
+    def check(self, tokens: int, method: Method, new_tokens: int = 0, saved_dtype=None, truncating: bool = False):
         """Raise MemoryLimitError, naming both numbers and what would fit, unless the prefill fits."""
-        estimate = self.estimate(tokens, method, new_tokens, saving)
+        estimate = self.estimate(tokens, method, new_tokens, saved_dtype)
         if self.fits(estimate):
             return estimate
         raise MemoryLimitError(
             f"the prefill of {tokens:,} tokens needs about {amount(self.needed(estimate))} more memory "
             f"(peak {amount(estimate.total)} with the weights) but {self.device} has {amount(self.free)} free; "
-            + "; ".join(self.suggestions(tokens, method, new_tokens, saving, truncating))
+            + "; ".join(self.suggestions(tokens, method, new_tokens, saved_dtype, truncating))
         )
 
-    def suggestions(
-        self, tokens: int, method: Method, new_tokens: int, saving: Saving | None, truncating: bool
-    ) -> list[str]:
+    def suggestions(self, tokens: int, method: Method, new_tokens: int, saved_dtype, truncating: bool) -> list[str]:
         """What would fit, in the order worth trying, and the override."""
         found = []
         budget, window = getattr(method, "budget", None), getattr(method, "window", 1)
         if isinstance(budget, Budget) and not method.restarts:
 
             def fits(n: int) -> bool:
-                return self.fits(self.estimate(tokens, with_budget(method, n), new_tokens, saving))
+                return self.fits(self.estimate(tokens, with_budget(method, n), new_tokens, saved_dtype))
 
             if fits(window):
                 found.append(f"--budget {largest(window, min(budget.tokens(tokens), tokens), fits)} fits")
-        most = self.most_tokens(method, new_tokens, saving)
+        most = self.most_tokens(method, new_tokens, saved_dtype)
         if most > 0 and not truncating:  # (when truncating, the documents were already cut to fit)
             found.append(f"--truncate middle keeps {most:,} tokens")
         if self.dtype == torch.float32:
-            half = self.estimate(tokens, method, new_tokens, saving, dtype=torch.bfloat16)
+            half = self.estimate(tokens, method, new_tokens, saved_dtype, dtype=torch.bfloat16)
             if half.total <= self.free + self.resident_weights:
                 found.append("--dtype bfloat16 fits")
         return found + ["--ignore-memory tries anyway"]

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.kvcache import HeldTokens, KVCache, LayerKV
-from core.methods import FullKV, LayerInput, Method
+from core.kvcache import KVCache, LayerKV, Paused
+from core.methods import FullKV, LayerInput, Method, Selection
 from core.models import check_supported
 from core.progress import Progress, no_progress
-from core.revival import Revival
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -26,7 +25,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @dataclass
 class Prefill:
     cache: KVCache
-    logits: Tensor  # [vocab] float32, the next-token logits after the last context token
+    logits: Tensor | None  # [vocab] float32, the next-token logits after the last token; None when paused
     layer_tokens: list[int]  # how many tokens each layer ran on (GemFilter: both passes, in order)
 
 
@@ -111,14 +110,13 @@ class Runner:
         return self.model.lm_head(self.decoder.norm(h_last)).float()
 
     @torch.inference_mode()
-    def prefill(
-        self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress, hold: bool = False
-    ) -> Prefill:
+    def prefill(self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress) -> Prefill:
         """Run the context ids [L] through every layer; the method picks what each layer caches and passes on.
 
         Attention itself is always exact over the tokens a layer sees; only the cache and the set of
-        tokens that reach deeper layers (Token-Selective Propagation) are reduced. With `hold`, the
-        cache also keeps the hidden states of the tokens TSP drops, for a question to revive.
+        tokens that reach deeper layers (Token-Selective Propagation) are reduced. A method may pause
+        the prefill after a layer: the deeper layers' caches stay empty, there are no logits, and the
+        cache holds the hidden states for `extend` to resume from.
         """
         method = method or FullKV()
         positions = torch.arange(ids.shape[0], device=ids.device)  # original positions of the tokens present
@@ -137,67 +135,51 @@ class Runner:
                 return restarted
             layer_kv = LayerKV(k, v, positions.expand(self.num_kv_heads, -1))
             cache.layers.append(layer_kv if selection.keep is None else layer_kv.select(selection.keep))
+            if selection.pause:
+                cache.paused = Paused(i, h)
+                cache.layers += [LayerKV(k[:, :0], v[:, :0], positions[:0].expand(self.num_kv_heads, -1))
+                                 for _ in range(i + 1, self.num_layers)]  # fmt: skip
+                progress("prefill", self.num_layers, self.num_layers)
+                return Prefill(cache, None, layer_tokens)
             if selection.propagate is not None:
                 keep = selection.propagate
-                if hold:
-                    dropped = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-                    dropped[keep] = False
-                    cache.held = HeldTokens(i, h[dropped], positions[dropped])
                 h, positions, cos, sin = h[keep], positions[keep], cos[keep], sin[keep]
             progress("prefill", i + 1, self.num_layers)
         return Prefill(cache, self.logits(h[-1]), layer_tokens)
 
     @torch.inference_mode()
-    def extend(
-        self, cache: KVCache, ids: Tensor, method: Method | None = None, revival: Revival | None = None
-    ) -> Tensor:
+    def extend(self, cache: KVCache, ids: Tensor, method: Method | None = None) -> Tensor:
         """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
 
         New tokens attend to every cached key and causally to each other. With a `method`, each
         layer's cache is then re-selected with the new tokens as the scoring window (the second stage
-        of a saved cache: the question picks what stays). With a `revival` and held tokens in the
-        cache, the held tokens the new ones rank high run through the layers past the TSP layer with
-        them (core/revival.py).
+        of a saved cache: the question picks what stays). A paused cache is resumed where it paused:
+        the tokens the method propagates there (all, if it propagates none) go on with their held
+        hidden states, so the deeper layers run as they would have on the whole prompt.
         """
         n = ids.shape[0]
         positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
         h = self.decoder.embed_tokens(ids)
         cos, sin = self.rope(h, positions)
-        revive_at = None if revival is None or cache.held is None else cache.held.layer + 1
         for i, layer in enumerate(self.decoder.layers):
-            if i == revive_at:
-                h, positions = self.revive(layer, cache, h, positions, revival)
-                cos, sin = self.rope(h, positions)
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
+            cached = cache.layers[i].length
             layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
-            mask = None
-            if positions.shape[0] > n:  # revived tokens sit among the cached ones: each sees the keys up to it
-                visible = layer_kv.positions.unsqueeze(1) <= positions.unsqueeze(-1)  # [kv_heads, new, keys]
-                mask = visible.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
-            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask))
+            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values))
+            selection = Selection()
             if method is not None:
                 selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, q, layer_kv.keys))
                 if selection.keep is not None:
-                    layer_kv = cache.layers[i] = layer_kv.select(selection.keep)
-            if positions.shape[0] > n:
-                cache.layers[i] = layer_kv.in_position_order()
+                    cache.layers[i] = layer_kv.select(selection.keep)
+            if cache.paused is not None and i == cache.paused.layer:
+                present = torch.cat([cache.paused.hidden, h])  # the paused layer caches every context token
+                every = torch.arange(cached + n, device=ids.device)
+                index = every if selection.propagate is None else selection.propagate
+                h, positions = present[index], torch.cat([every[:cached], positions])[index]
+                cos, sin = self.rope(h, positions)
+                cache.paused = None
         cache.seq_len += n
         return self.logits(h[-1])
-
-    def revive(self, layer, cache: KVCache, h: Tensor, positions: Tensor, revival: Revival) -> tuple[Tensor, Tensor]:
-        """At the first layer past TSP: the held tokens the new tokens h [n, hidden] rank in their top
-        `revival.count`, placed before them -> (hidden states, positions) to run on from here."""
-        held = cache.held
-        cached = cache.layers[held.layer + 1]
-        x = layer.input_layernorm(h)
-        cos, sin = self.rope(h, positions)
-        q = self.queries(layer, x, cos, sin)
-        held_cos, held_sin = self.rope(held.hidden, held.positions)
-        held_keys = self.keys(layer, layer.input_layernorm(held.hidden), held_cos, held_sin)
-        keys = torch.cat([cached.keys, held_keys, self.keys(layer, x, cos, sin)], dim=1)
-        context_positions = torch.cat([cached.positions, held.positions.expand(self.num_kv_heads, -1)], dim=1)
-        chosen = revival.chosen(q, keys, context_positions, held.positions, cache.seq_len)
-        return torch.cat([held.hidden[chosen], h]), torch.cat([held.positions[chosen], positions])
 
 
 def flash_attention(device: torch.device, dtype: torch.dtype):

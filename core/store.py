@@ -17,11 +17,11 @@ from safetensors.torch import save
 
 from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
-from core.kvcache import HeldTokens, KVCache, LayerKV, page_coverage
-from core.methods.scoring import POOLINGS
+from core.kvcache import KVCache, LayerKV, Paused, page_coverage
+from core.methods import make_method
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 had no held tokens and no `held_layer`
+READABLE_VERSIONS = (1, 2)  # version 1 had no query-aware caches and no `paused_layer`
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +46,7 @@ MANIFEST_SCHEMA = {
     "method": {"name": str, "parameters": dict},
     "query_budget": (str, type(None)),
     "steering_questions": int,
-    "held_layer": (int, type(None)),
+    "paused_layer": (int, type(None)),
     "context_tokens": int,
     "dropped_tokens": int,
     "template": {"question_prefix": str, "tail": str},
@@ -89,9 +89,8 @@ def cache_tensors(cache: KVCache, dtype: torch.dtype) -> dict[str, torch.Tensor]
         tensors[f"layers.{i}.keys"] = layer.keys.to(dtype).contiguous().cpu()
         tensors[f"layers.{i}.values"] = layer.values.to(dtype).contiguous().cpu()
         tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
-    if cache.held is not None:
-        tensors["held.hidden"] = cache.held.hidden.to(dtype).contiguous().cpu()
-        tensors["held.positions"] = cache.held.positions.to(torch.int32).contiguous().cpu()
+    if cache.paused is not None:
+        tensors["paused.hidden"] = cache.paused.hidden.to(dtype).contiguous().cpu()
     return tensors
 
 
@@ -160,8 +159,8 @@ def load_cache(
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
-    held = held_from_tensors(path, tensors, manifest)
-    cache = KVCache(layers, manifest["context_tokens"], None if held is None else held.to(device, dtype))
+    paused = paused_from_tensors(path, tensors, layers, manifest)
+    cache = KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
     return cache, manifest
 
 
@@ -210,7 +209,7 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         readable = " and ".join(map(str, READABLE_VERSIONS))
         raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads versions {readable}")
     if version == 1:
-        manifest["held_layer"] = None
+        manifest["paused_layer"] = None
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -224,6 +223,19 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
     return manifest
 
 
+def check_resumable(manifest: dict) -> None:
+    """A query-aware cache names a method that pauses at `paused_layer`, with settings it accepts."""
+    method, layer = manifest["method"], manifest["paused_layer"]
+    try:
+        pauses_at = make_method(method["name"], **method["parameters"]).pause_layer(manifest["model"]["num_layers"])
+    except (FastKVError, TypeError, ValueError):
+        pauses_at = None
+    if pauses_at is None or pauses_at != layer:
+        raise CacheFileError(
+            f"manifest.paused_layer {layer} is not where --method {method['name']} with its parameters resumes"
+        )
+
+
 def check_values(manifest: dict) -> None:
     """Sizes are positive, counts not negative, and page spans are [start, end) pairs inside the context."""
     for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -234,14 +246,8 @@ def check_values(manifest: dict) -> None:
     for key in ("dropped_tokens", "steering_questions"):
         if manifest[key] < 0:
             raise CacheFileError(f"manifest.{key} should not be negative, not {manifest[key]}")
-    held_layer = manifest["held_layer"]
-    if held_layer is not None and not 0 <= held_layer < manifest["model"]["num_layers"] - 1:
-        raise CacheFileError(f"manifest.held_layer should be a layer before the last, not {held_layer}")
-    parameters = manifest["method"]["parameters"]
-    if held_layer is not None and not (
-        type(parameters.get("tsp_kernel")) is int and parameters.get("pooling") in POOLINGS
-    ):
-        raise CacheFileError("manifest.method.parameters should give the tsp_kernel and pooling that rank held tokens")
+    if manifest["paused_layer"] is not None:
+        check_resumable(manifest)
     for i, document in enumerate(manifest["documents"]):
         where = f"manifest.documents[{i}]"
         if min(document["size"], document["pages"], document["tokens"]) < 0:
@@ -264,11 +270,11 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     expected_names = {
         f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")
     }
-    if manifest["held_layer"] is not None:
-        expected_names |= {"held.hidden", "held.positions"}
+    if manifest["paused_layer"] is not None:
+        expected_names.add("paused.hidden")
     if set(tensors) != expected_names:
-        held = "" if manifest["held_layer"] is None else " and held tokens"
-        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers{held}")
+        paused = "" if manifest["paused_layer"] is None else " and a paused prefill"
+        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers{paused}")
     layers = []
     for i in range(model["num_layers"]):
         keys, values, positions = (tensors[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
@@ -287,20 +293,25 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     return layers
 
 
-def held_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> HeldTokens | None:
-    if manifest["held_layer"] is None:
+def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: list[LayerKV], manifest: dict):
+    """A query-aware cache's paused prefill: every context token cached, in order, up to `paused_layer`,
+    nothing deeper, and one hidden state per context token."""
+    layer = manifest["paused_layer"]
+    if layer is None:
         return None
-    hidden, positions = tensors["held.hidden"], tensors["held.positions"]
-    m = positions.shape[0] if positions.dim() == 1 else -1
-    if tuple(hidden.shape) != (m, manifest["model"]["hidden_size"]):
-        raise CacheFileError(f"{path}: the held tokens have tensors of the wrong shape")
-    if positions.dtype != torch.int32 or hidden.dtype != CACHE_DTYPES[manifest["dtype"]]:
-        raise CacheFileError(f"{path}: the held tokens have tensors of the wrong dtype")
-    if m and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
-        raise CacheFileError(f"{path}: the held tokens have positions outside the context")
-    if not (positions[1:] > positions[:-1]).all():
-        raise CacheFileError(f"{path}: the held tokens have positions out of order")
-    return HeldTokens(manifest["held_layer"], hidden, positions)
+    context = manifest["context_tokens"]
+    hidden = tensors["paused.hidden"]
+    if tuple(hidden.shape) != (context, manifest["model"]["hidden_size"]):
+        raise CacheFileError(f"{path}: the paused hidden states have the wrong shape")
+    if hidden.dtype != CACHE_DTYPES[manifest["dtype"]]:
+        raise CacheFileError(f"{path}: the paused hidden states have the wrong dtype")
+    every = torch.arange(context, dtype=torch.int32)
+    for i, cached in enumerate(layers):
+        if i <= layer and not (cached.length == context and bool((cached.positions == every).all())):
+            raise CacheFileError(f"{path}: layer {i} of a paused prefill does not cache every context token")
+        if i > layer and cached.length:
+            raise CacheFileError(f"{path}: layer {i} is past the paused layer {layer} but caches tokens")
+    return Paused(layer, hidden)
 
 
 def describe_cache(path: Path) -> dict:
@@ -311,6 +322,6 @@ def describe_cache(path: Path) -> dict:
         "file_bytes": path.stat().st_size,
         "manifest": manifest,
         "kept_tokens_per_layer": cache.kept_tokens_per_layer,
-        "held_tokens": 0 if cache.held is None else cache.held.positions.shape[0],
+        "paused_bytes": 0 if cache.paused is None else cache.paused.nbytes,
         "page_coverage": [page_coverage(cache, document["page_token_spans"]) for document in manifest["documents"]],
     }

@@ -210,6 +210,14 @@ def cache_build(
     questions: Annotated[
         Path | None, typer.Option(help="A file of expected questions, one per line, to steer what is kept.")
     ] = None,
+    query_aware: Annotated[
+        bool,
+        typer.Option(
+            "--query-aware",
+            help="Pause the prefill at fastkv's TSP layer, caching every token up to there; each question resumes "
+            "it, so answers equal `ask` at --budget (a larger file, a longer query).",
+        ),
+    ] = False,
     cache_dtype: Annotated[
         str, typer.Option(help="float16, bfloat16 or float32 for the stored keys/values.")
     ] = "float16",
@@ -222,6 +230,7 @@ def cache_build(
     quiet: options.Quiet = False,
 ) -> None:
     """Prefill DOCUMENTS once (compressed) and save the cache to OUTPUT for later `cache query`."""
+    from core.engine import check_query_aware
     from core.methods import Budget, make_method
     from core.store import check_cache_dtype, check_target, save_cache
 
@@ -232,12 +241,14 @@ def cache_build(
     )
     final_budget = None if query_budget is None else Budget.parse(query_budget, "--query-budget")
     steering = read_questions(questions) if questions else []
+    if query_aware:
+        check_query_aware(selection, final_budget, steering)
     docs, read_s = read_inputs(documents, quiet)
     engine = load_engine(model, device, dtype, quiet)
     with progress_reporter(quiet) as progress:
         saved = engine.build(
             docs, selection, final_budget, steering, truncate, progress=progress, cache_dtype=cache_dtype,
-            ignore_memory=ignore_memory,
+            ignore_memory=ignore_memory, query_aware=query_aware,
         )  # fmt: skip
         progress("saving", 0, 1)
         start = time.perf_counter()

@@ -94,6 +94,17 @@ def page_bar(share: float, width: int = 20) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
+def query_selection(manifest: dict) -> str:
+    if manifest["paused_layer"] is not None:
+        return (
+            f"query-aware: paused after layer {manifest['paused_layer']}; each question resumes the prefill "
+            f"as `ask` at budget {manifest['method']['parameters']['budget']}"
+        )
+    if manifest["query_budget"] is not None:
+        return f"two-stage: each question re-selects the stored tokens down to {manifest['query_budget']}"
+    return "none: answers use every stored token"
+
+
 def cache_info_view(info: dict) -> Group:
     """Manifest, sizes and per-page coverage of a .fkv file."""
     manifest, model = info["manifest"], info["manifest"]["model"]
@@ -109,14 +120,8 @@ def cache_info_view(info: dict) -> Group:
             f"{model['name']} ({model['model_type']}, {model['num_layers']} layers, {model['num_kv_heads']} KV heads)",
         ),
         ("method", f"{method['name']} ({parameters})"),
-        ("query re-selection", manifest["query_budget"] or "none: answers use every stored token"),
+        ("query selection", query_selection(manifest)),
         ("steering questions", str(manifest["steering_questions"])),
-        (
-            "held tokens",
-            f"{info['held_tokens']:,}, revived by questions that need them (after layer {manifest['held_layer']})"
-            if info["held_tokens"]
-            else "none",
-        ),
         (
             "context tokens",
             f"{manifest['context_tokens']:,}"

@@ -61,15 +61,14 @@ def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def assert_same_cache(a: KVCache, b: KVCache) -> None:
-    """Every layer's keys, values and positions, and the held tokens, equal bit for bit."""
+    """Every layer's keys, values and positions, and a paused prefill's hidden states, equal bit for bit."""
     assert a.seq_len == b.seq_len
     assert len(a.layers) == len(b.layers)
     for x, y in zip(a.layers, b.layers, strict=True):
         assert_bit_equal(x.keys, y.keys)
         assert_bit_equal(x.values, y.values)
         assert_bit_equal(x.positions, y.positions)
-    assert (a.held is None) == (b.held is None)
-    if a.held is not None:
-        assert a.held.layer == b.held.layer
-        assert_bit_equal(a.held.hidden, b.held.hidden)
-        assert_bit_equal(a.held.positions, b.held.positions)
+    assert (a.paused is None) == (b.paused is None)
+    if a.paused is not None:
+        assert a.paused.layer == b.paused.layer
+        assert_bit_equal(a.paused.hidden, b.paused.hidden)

@@ -209,15 +209,17 @@ def test_ask_answers_equal_engine_ask_for_every_method_and_budget(tiny_engine, t
 
 
 def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
-    settings = tiny_settings(["agnostic", "two-stage"])
+    settings = tiny_settings(["agnostic", "two-stage", "query-aware"])
     refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
     outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
     saved_variants = [v for v in settings.variants if v.mode != "ask"]
     assert "gemfilter" not in {v.method for v in saved_variants}  # it cannot build a saved cache
+    assert {v.method for v in saved_variants if v.mode == "query-aware"} == {"fastkv"}  # it pauses at TSP
     assert len(outcomes) == len(saved_variants) * len(tiny_items)
     for o in outcomes:
         method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
-        saved = tiny_engine.build([o.item.document], method, query_budget, reserved=64)
+        aware = o.variant.mode == "query-aware"
+        saved = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
         assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
 
 

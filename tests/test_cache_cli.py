@@ -292,17 +292,49 @@ def test_info_json_has_kept_tokens_and_page_coverage(built):
     assert any(share > 0 for share in pdf_pages + notes_pages)
 
 
-def test_info_counts_the_held_tokens_of_a_two_stage_cache(built, documents, model, tmp_path):
-    two_stage = tmp_path / "two-stage.fkv"
+def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
+    two_stage, query_aware = tmp_path / "two-stage.fkv", tmp_path / "query-aware.fkv"
     assert build(documents, two_stage, model, "--budget", "50%", "--query-budget", "10%", "--quiet").exit_code == 0
+    assert build(documents, query_aware, model, "--budget", "20%", "--query-aware", "--quiet").exit_code == 0
 
-    [one_stage_info] = json_lines(fastkv("cache", "info", built[0], "--json"))
-    [info] = json_lines(fastkv("cache", "info", two_stage, "--json"))
-    shown = fastkv("cache", "info", two_stage).stdout
+    shown = {path: fastkv("cache", "info", path).stdout for path in (built[0], two_stage, query_aware)}
+    [info] = json_lines(fastkv("cache", "info", query_aware, "--json"))
 
-    assert one_stage_info["held_tokens"] == 0 and one_stage_info["manifest"]["held_layer"] is None
-    assert info["held_tokens"] == load_cache(two_stage)[0].held.positions.numel() > 0
-    assert f"{info['held_tokens']:,}, revived by questions that need them (after layer 1)" in shown
+    assert "none: answers use every stored token" in shown[built[0]]
+    assert "two-stage: each question re-selects the stored tokens down to 10%" in shown[two_stage]
+    assert "query-aware: paused after layer 1; each question resumes the prefill as `ask` at budget 20%" in (
+        " ".join(shown[query_aware].split())
+    )
+    assert info["manifest"]["paused_layer"] == 1
+    assert info["paused_bytes"] == load_cache(query_aware)[0].paused.nbytes > 0
+
+
+def test_a_query_aware_cache_answers_as_ask_does(documents, model, tmp_path):
+    path = tmp_path / "query-aware.fkv"
+    built = build(documents, path, model, "--budget", "20%", "--query-aware", "--cache-dtype", "float32", "--quiet")
+    assert built.exit_code == 0, built.output
+
+    [answer] = json_lines(query(path, "Who designed the tower?", "--json", model=model))
+    asked = fastkv("ask", *documents, "Who designed the tower?", "--model", model, "--budget", "20%",
+                   "--max-new-tokens", MAX_NEW, "--json", "--quiet")  # fmt: skip
+
+    [expected] = json_lines(asked)
+    assert answer["answer"] == expected["answer"] and answer["budget"] == "20%"
+    assert answer["stats"]["kept_tokens_per_layer"] == expected["stats"]["kept_tokens_per_layer"]
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--method", "snapkv"], "--method snapkv has none"),
+        (["--query-budget", "10%"], "--query-budget does not apply to --query-aware"),
+    ],
+)
+def test_query_aware_build_refuses_what_does_not_apply_before_loading(documents, tmp_path, options, needle):
+    result = build(documents, tmp_path / "x.fkv", tmp_path / "no-such-model", "--query-aware", *options)
+
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "x.fkv").exists()
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

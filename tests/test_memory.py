@@ -20,8 +20,8 @@ from core.engine import Engine
 from core.errors import MemoryLimitError
 from core.generation import Decoding
 from core.kvcache import full_kv_bytes
-from core.memory import MemoryGuard, Saving, Sizes, estimate_prefill, mapped_bytes
-from core.methods import METHODS, make_method
+from core.memory import MemoryGuard, Sizes, estimate_prefill, mapped_bytes
+from core.methods import METHODS, PauseAfter, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import encode_question
 from core.runner import Runner
@@ -99,26 +99,24 @@ def test_decoding_and_saving_are_counted(tiny_models):
     config = tiny_models["llama"].config
     plain = estimate_prefill(config, 500, make_method("fullkv"), torch.float32, "cpu")
     answered = estimate_prefill(config, 500, make_method("fullkv"), torch.float32, "cpu", new_tokens=2000)
-    saved = estimate_prefill(config, 500, make_method("fullkv"), torch.float32, "cpu", saving=Saving(torch.float32))
+    saved = estimate_prefill(config, 500, make_method("fullkv"), torch.float32, "cpu", saved_dtype=torch.float32)
 
     assert answered.decoding > 0 and answered.beyond_weights >= answered.cache + answered.decoding
     assert saved.saving >= 2 * full_kv_bytes(config, 500, torch.float32)
     assert plain.decoding == plain.saving == 0
 
 
-def test_a_two_stage_build_counts_the_hidden_states_it_holds(tiny_models):
+def test_a_paused_build_counts_its_layers_and_the_hidden_states_it_holds(tiny_models):
     config, tokens = tiny_models["llama"].config, 1000
-    hold, plain = Saving(torch.float16, holds=True), Saving(torch.float16)
-    fastkv, snapkv = make_method("fastkv", budget="60%"), make_method("snapkv", budget="60%")
+    layers, f16 = config.num_hidden_layers, torch.float16
+    full = estimate_prefill(config, tokens, make_method("fullkv"), torch.float32, "cpu", saved_dtype=f16)
 
-    held = estimate_prefill(config, tokens, fastkv, torch.float32, "cpu", saving=hold)
-    without = estimate_prefill(config, tokens, fastkv, torch.float32, "cpu", saving=plain)
+    paused = estimate_prefill(config, tokens, PauseAfter(layer=0), torch.float32, "cpu", saved_dtype=f16)
 
-    dropped = tokens - 600  # TSP passes on the 60% budget
-    assert held.cache - without.cache == dropped * config.hidden_size * 4  # float32 while building
-    assert held.saving - without.saving == 2 * dropped * config.hidden_size * 2  # float16 copy and its bytes
-    same = [estimate_prefill(config, tokens, snapkv, torch.float32, "cpu", saving=s) for s in (hold, plain)]
-    assert same[0] == same[1]  # nothing is dropped by propagation, nothing is held
+    hidden = tokens * config.hidden_size
+    assert paused.cache == full.cache // layers + hidden * 4  # one layer's cache, and float32 hidden states
+    assert paused.saving == full.saving // layers + 2 * hidden * 2  # their float16 copy and its bytes
+    assert paused.activations == full.activations  # the layers it runs see every token, as fullkv's
 
 
 def test_memory_mapped_weights_are_counted_as_still_to_come(tiny_model_folder):

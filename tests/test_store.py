@@ -56,8 +56,8 @@ def saved(engine, document) -> SavedContext:
 
 
 @pytest.fixture(scope="module")
-def two_stage(engine, document) -> SavedContext:
-    return build(engine, document, query_budget="20%")
+def query_aware(engine, document) -> SavedContext:
+    return build(engine, document, budget="20%", query_aware=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,26 +117,26 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
     assert read_manifest(path) == manifest
 
 
-def test_two_stage_round_trip_keeps_the_held_tokens_bit_exact(two_stage, tmp_path):
+def test_query_aware_round_trip_keeps_the_paused_prefill_bit_exact(query_aware, tmp_path):
     path = tmp_path / "c.fkv"
 
-    save_cache(path, two_stage.cache, two_stage.manifest, "float32")
+    save_cache(path, query_aware.cache, query_aware.manifest, "float32")
     cache, manifest = load_cache(path, "cpu", None)
 
-    assert two_stage.cache.held is not None and two_stage.cache.held.positions.numel() > 0
-    assert manifest["held_layer"] == two_stage.cache.held.layer == NUM_LAYERS // 2 - 1
-    assert_same_cache(cache, two_stage.cache)
+    assert manifest["paused_layer"] == query_aware.cache.paused.layer == NUM_LAYERS // 2 - 1
+    assert_same_cache(cache, query_aware.cache)
+    assert torch.equal(cache.paused.hidden, query_aware.cache.paused.hidden)
 
 
-def test_a_version_1_file_still_loads_without_held_tokens(cache_file, tmp_path):
+def test_a_version_1_file_still_loads(cache_file, tmp_path):
     def as_version_1(manifest):
         manifest["format_version"] = 1
-        del manifest["held_layer"]
+        del manifest["paused_layer"]
 
     path = rewrite_manifest(cache_file, tmp_path / "v1.fkv", as_version_1)
 
     cache, manifest = load_cache(path)
-    assert manifest["held_layer"] is None and cache.held is None
+    assert manifest["paused_layer"] is None and cache.paused is None
     assert_same_cache(cache, load_cache(cache_file)[0])
 
 
@@ -173,10 +173,11 @@ def test_round_trip_for_every_model_family(tiny_model, tiny_tokenizer, document,
 # --- 2. answers from a saved cache --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query_budget", [None, "20%"], ids=["one-stage", "two-stage"])
-def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, document, tmp_path, token_log, query_budget):
-    saved = build(engine, document, query_budget=query_budget)
-    assert (saved.cache.held is not None) == (query_budget is not None)
+@pytest.mark.parametrize(
+    "kind", [{}, {"query_budget": "20%"}, {"query_aware": True}], ids=["one-stage", "two-stage", "query-aware"]
+)
+def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, document, tmp_path, token_log, kind):
+    saved = build(engine, document, **kind)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
     cache, manifest = load_cache(path, "cpu", torch.float32)
@@ -319,8 +320,7 @@ MANIFEST_CASES = {
     "missing-document-field": (delete("documents", 0, "sha256"), "manifest.documents[0].sha256 is missing"),
     "string-for-int": (lambda m: m.update(context_tokens=str(m["context_tokens"])), "should be int, not str"),
     "bool-for-int": (assign(True, "steering_questions"), "steering_questions should be int, not bool"),
-    "string-for-held-layer": (assign("1", "held_layer"), "held_layer should be int or NoneType, not str"),
-    "held-layer-past-the-last": (assign(NUM_LAYERS - 1, "held_layer"), "held_layer should be a layer before the last"),
+    "string-for-paused-layer": (assign("1", "paused_layer"), "paused_layer should be int or NoneType, not str"),
     "float-for-int": (assign(4.0, "model", "num_layers"), "num_layers should be int, not float"),
     "int-for-str": (assign(7, "tokenizer_sha256"), "tokenizer_sha256 should be str, not int"),
     "list-for-object": (assign([], "template"), "manifest.template should be an object"),
@@ -485,53 +485,61 @@ TENSOR_CASES = {
 }
 
 
-def drop_held(tensors):
-    del tensors["held.hidden"], tensors["held.positions"]
+def drop_paused(tensors):
+    del tensors["paused.hidden"]
 
 
-def unordered(positions):
-    return positions.flip(0).contiguous()
+def drop_last_token(layer: int):
+    def edit(tensors):
+        for part in ("keys", "values", "positions"):
+            tensors[f"layers.{layer}.{part}"] = tensors[f"layers.{layer}.{part}"][:, :-1].contiguous()
+
+    return edit
 
 
-HELD_CASES = {
-    "held-tensors-missing": (drop_held, "and held tokens"),
-    "held-hidden-too-narrow": (update("held.hidden", lambda h: h[:, 1:].contiguous()), "wrong shape"),
-    "held-hidden-row-less": (update("held.hidden", lambda h: h[1:].contiguous()), "wrong shape"),
-    "held-hidden-in-float32": (
-        update("held.hidden", lambda h: h.float()),
-        "held tokens have tensors of the wrong dtype",
-    ),
-    "held-positions-unordered": (update("held.positions", unordered), "held tokens have positions out of order"),
-    "held-position-past-the-context": (
-        update("held.positions", lambda p: torch.cat([p[:-1], p.new_tensor([10**6])])),
-        "held tokens have positions outside the context",
-    ),
+def fill_deeper_layer(tensors):
+    for part in ("keys", "values", "positions"):
+        tensors[f"layers.{NUM_LAYERS - 1}.{part}"] = tensors[f"layers.0.{part}"][:, :3].contiguous()
+
+
+PAUSED_CASES = {
+    "hidden-states-missing": (drop_paused, "and a paused prefill"),
+    "hidden-states-too-narrow": (update("paused.hidden", lambda h: h[:, 1:].contiguous()), "wrong shape"),
+    "hidden-state-missing": (update("paused.hidden", lambda h: h[1:].contiguous()), "wrong shape"),
+    "hidden-states-in-float32": (update("paused.hidden", lambda h: h.float()), "hidden states have the wrong dtype"),
+    "paused-layer-misses-a-token": (drop_last_token(1), "layer 1 of a paused prefill does not cache every"),
+    "deeper-layer-caches-tokens": (fill_deeper_layer, f"layer {NUM_LAYERS - 1} is past the paused layer 1"),
 }
 
 
 @pytest.fixture(scope="module")
-def two_stage_file(tmp_path_factory, two_stage) -> Path:
-    path = tmp_path_factory.mktemp("fkv") / "two-stage.fkv"
-    save_cache(path, two_stage.cache, two_stage.manifest, "float16")
+def query_aware_file(tmp_path_factory, query_aware) -> Path:
+    path = tmp_path_factory.mktemp("fkv") / "query-aware.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, "float16")
     return path
 
 
-@pytest.mark.parametrize("case", list(HELD_CASES))
-def test_bad_held_tokens_are_refused_naming_the_cause(two_stage_file, tmp_path, case):
-    edit, needle = HELD_CASES[case]
-    path = rewrite_tensors(two_stage_file, tmp_path / f"{case}.fkv", edit)
+@pytest.mark.parametrize("case", list(PAUSED_CASES))
+def test_a_bad_paused_prefill_is_refused_naming_the_cause(query_aware_file, tmp_path, case):
+    edit, needle = PAUSED_CASES[case]
+    path = rewrite_tensors(query_aware_file, tmp_path / f"{case}.fkv", edit)
 
     assert needle in refusal(load_cache, path)
 
 
-def test_held_tokens_without_their_ranking_parameters_are_refused(two_stage_file, tmp_path):
-    path = rewrite_manifest(two_stage_file, tmp_path / "no-kernel.fkv", delete("method", "parameters", "tsp_kernel"))
+@pytest.mark.parametrize(
+    "edit",
+    [assign(2, "paused_layer"), assign("snapkv", "method", "name"), assign("x", "method", "parameters", "tsp_kernel")],
+    ids=["other-layer", "method-without-tsp", "bad-parameter"],
+)
+def test_a_paused_layer_its_method_does_not_resume_at_is_refused(query_aware_file, tmp_path, edit):
+    path = rewrite_manifest(query_aware_file, tmp_path / "moved.fkv", edit)
 
-    assert "should give the tsp_kernel and pooling that rank held tokens" in refusal(load_cache, path)
+    assert "is not where --method" in refusal(load_cache, path)
 
 
-def test_held_tensors_without_a_held_layer_are_refused(two_stage_file, tmp_path):
-    path = rewrite_manifest(two_stage_file, tmp_path / "no-layer.fkv", assign(None, "held_layer"))
+def test_paused_hidden_states_without_a_paused_layer_are_refused(query_aware_file, tmp_path):
+    path = rewrite_manifest(query_aware_file, tmp_path / "no-layer.fkv", assign(None, "paused_layer"))
 
     assert "tensors do not match the model's 4 layers" in refusal(load_cache, path)
 
@@ -670,8 +678,8 @@ def extended_caches(engine, monkeypatch) -> list[KVCache]:
     caches: list[KVCache] = []
     real_extend = engine.runner.extend
 
-    def spy(cache, ids, method=None, revival=None):
-        logits = real_extend(cache, ids, method, revival)
+    def spy(cache, ids, method=None):
+        logits = real_extend(cache, ids, method)
         if not caches:
             caches.append(cache)
         return logits
@@ -736,21 +744,36 @@ def test_without_a_query_budget_every_stored_token_is_kept(engine, document, ext
 # --- 6. steering questions --------------------------------------------------------------------------------
 
 
-def test_a_two_stage_query_revives_held_tokens_into_the_deeper_layers(engine, two_stage, extended_caches):
-    engine.query(two_stage, QUESTION, decoding=Decoding(max_new_tokens=1))
+@pytest.mark.parametrize("budget", [None, "35%"], ids=["built-budget", "query-budget"])
+def test_a_query_aware_cache_answers_exactly_as_ask(engine, document, tmp_path, token_log, budget):
+    path = tmp_path / "q.fkv"
+    saved = build(engine, document, budget="20%", query_aware=True)
+    save_cache(path, saved.cache, saved.manifest, "float32")
+    cache, manifest = load_cache(path)
+    decoding = Decoding(max_new_tokens=8)
 
-    [cache] = extended_caches
-    held, tsp_layer = set(two_stage.cache.held.positions.tolist()), two_stage.cache.held.layer
-    context = two_stage.manifest["context_tokens"]
-    question = set(range(context, context + question_length(engine, QUESTION)))
-    revived = set()
-    for i, (layer, stored) in enumerate(zip(cache.layers, two_stage.cache.layers, strict=True)):
-        for head in range(KV_HEADS):
-            positions = layer.positions[head].tolist()
-            allowed = set(stored.positions[head].tolist()) | question | (held if i > tsp_layer else set())
-            assert positions == sorted(positions) and set(positions) <= allowed
-            revived |= set(positions) & held
-    assert revived  # this question ranks some of what the build's window dropped
+    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, Budget.parse(budget or "20%"), decoding)
+    asked = engine.ask([document], QUESTION, make_method("fastkv", budget=budget or "20%"), decoding)
+
+    assert token_log[0] == token_log[1] and answer.text == asked.text
+    assert answer.stats.kept_tokens_per_layer == asked.stats.kept_tokens_per_layer
+    assert answer.budget == asked.budget == (budget or "20%")
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ({"method": "snapkv"}, "--method snapkv has none"),
+        ({"query_budget": "10%"}, "--query-budget does not apply to --query-aware"),
+        ({"questions": [OTHER_QUESTION]}, "--questions does not apply to --query-aware"),
+    ],
+)
+def test_query_aware_builds_that_cannot_be_are_refused(engine, document, kind, needle):
+    method = make_method(kind.get("method", "fastkv"), budget="20%")
+    query = Budget.parse(kind["query_budget"]) if "query_budget" in kind else None
+
+    with pytest.raises(InputError, match=needle):
+        engine.build([document], method, query, kind.get("questions", []), reserved=RESERVED, query_aware=True)
 
 
 def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document):

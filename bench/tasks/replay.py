@@ -86,10 +86,9 @@ def record_prefill(runner: Runner, ids: Tensor, inner: Method, window: int = 8) 
 def record_build(
     engine: Engine, documents: list[Document], inner: Method, reserved: int, window: int = 8
 ) -> tuple[SavedContext, Recording]:
-    """engine.build(documents) propagating like `inner`, recorded: the saved context and its recording
-    (holding what TSP drops, which replays of two-stage builds keep)."""
+    """engine.build(documents) propagating like `inner`, recorded: the saved context and its recording."""
     recorder = Recorder(inner, window)
-    saved = engine.build(documents, recorder, query_budget=None, reserved=reserved, hold=True)
+    saved = engine.build(documents, recorder, query_budget=None, reserved=reserved)
     return saved, Recording(inner, saved.cache, recorder.windows, saved.stats.prefill_s)
 
 
@@ -118,12 +117,10 @@ def replay_build(
 ) -> SavedContext:
     """What engine.build(documents, method, query_budget) returns, from a recorded build of the documents."""
     prefill, seconds = replay(runner, recording, method)
-    prefill.cache.held = None if query_budget is None else recording.cache.held
     manifest = {
         **saved.manifest,
         "method": {"name": method.name, "parameters": method.parameters()},
         "query_budget": None if query_budget is None else str(query_budget),
-        "held_layer": None if prefill.cache.held is None else prefill.cache.held.layer,
     }
     stats = replace(
         saved.stats,

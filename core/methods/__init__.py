@@ -1,7 +1,7 @@
 """Token-selection methods, registered by name."""
 
 from core.errors import InputError
-from core.methods.base import Budget, LayerInput, Method, Selection
+from core.methods.base import Budget, LayerInput, Method, PauseAfter, Selection
 from core.methods.fastkv import FastKV
 from core.methods.fullkv import FullKV
 from core.methods.gemfilter import GemFilter
@@ -11,7 +11,7 @@ from core.methods.streamingllm import StreamingLLM
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, StreamingLLM, GemFilter)}
 DEFAULT_METHOD = "fastkv"
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "Selection", "make_method"]
+__all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "PauseAfter", "Selection", "make_method"]
 
 
 def make_method(name: str, **parameters) -> Method:

@@ -74,6 +74,7 @@ class Selection:
     keep: Tensor | None = None  # [kv_heads, m] sorted token indices entering this layer's cache
     propagate: Tensor | None = None  # [m'] sorted token indices the next layers run on (TSP)
     restart: Tensor | None = None  # [m''] sorted token ids to prefill again with fresh positions
+    pause: bool = False  # stop the prefill after this layer, holding every token's hidden state
 
 
 def top_tokens(scores: Tensor, count: int, window: int) -> Tensor:
@@ -103,9 +104,14 @@ class Method:
         """Cache entries per KV head, summed over layers, held at the prefill's peak (memory estimate)."""
         return context_len * num_layers
 
-    def unpropagated_tokens(self, context_len: int) -> int:
-        """Tokens of the prompt that the deepest layers never run on."""
+    def held_tokens(self, context_len: int) -> int:
+        """Tokens whose hidden states the prefill holds when it pauses (memory estimate)."""
         return 0
+
+    def pause_layer(self, num_layers: int) -> int | None:
+        """Where a query-aware saved cache pauses: the last layer whose work does not depend on the
+        question (None: every layer's does, so there is nothing to save)."""
+        return None
 
     def steered(self, context_len: int, extra: int) -> "Method":
         """This method for a prompt of `context_len` tokens followed by `extra` steering tokens
@@ -122,6 +128,24 @@ class Method:
         """The method's settings as JSON-ready values (budgets as their CLI spelling)."""
         values = {item.name: getattr(self, item.name) for item in fields(self)}
         return {key: str(value) if isinstance(value, Budget) else value for key, value in values.items()}
+
+
+@dataclass
+class PauseAfter(Method):
+    """Caches every token up to `layer`, then pauses the prefill there, holding each token's hidden
+    state: a query-aware saved cache, which each question resumes with the method it was built for."""
+
+    name: ClassVar[str] = "pause"
+    layer: int = 0
+
+    def select(self, layer: LayerInput) -> Selection:
+        return Selection(pause=layer.index == self.layer)
+
+    def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
+        return context_len * min(self.layer + 1, num_layers)
+
+    def held_tokens(self, context_len: int) -> int:
+        return context_len
 
 
 def check_window_and_kernel(window: int, kernel: int) -> None:

@@ -37,9 +37,6 @@ class FastKV(SnapKV):
         (deeper layers can cache only what reaches them)."""
         return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.window)
 
-    def unpropagated_tokens(self, context_len: int) -> int:
-        return max(context_len - self.propagated_tokens(context_len), 0)
-
     def steered(self, context_len: int, extra: int) -> "FastKV":
         if not extra:
             return self
@@ -51,6 +48,9 @@ class FastKV(SnapKV):
         if layer >= num_layers:
             raise InputError(f"--tsp-layer {layer} is past the model's last layer ({num_layers - 1})")
         return max(layer, 0)
+
+    def pause_layer(self, num_layers: int) -> int:
+        return self.tsp_layer_for(num_layers)  # up to here every token runs, whatever the question
 
     def propagated_count(self, layer: LayerInput) -> int | None:
         if layer.index != self.tsp_layer_for(layer.num_layers):
