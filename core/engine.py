@@ -247,7 +247,7 @@ class Engine:
         different = [key for key, value in here.items() if built.get(key) != value]
         if different:
             raise CacheFileError(
-                f"{path}: built with model '{built['name']}', which differs from the loaded '{self.loaded.name}' "
+                f"{path}: built with model {built['name']!r}, which differs from the loaded '{self.loaded.name}' "
                 f"({', '.join(different)}); pass --model with the model it was built with"
             )
         if manifest["tokenizer_sha256"] != tokenizer_sha256(self.loaded.tokenizer):

@@ -215,7 +215,7 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
     except CacheFileError as error:
         raise CacheFileError(f"{path}: {error}") from None
     if manifest["dtype"] not in CACHE_DTYPES:
-        raise CacheFileError(f"{path}: unknown tensor dtype '{manifest['dtype']}' in the manifest")
+        raise CacheFileError(f"{path}: unknown tensor dtype {manifest['dtype']!r} in the manifest")
     try:
         check_values(manifest)
     except CacheFileError as error:
@@ -232,7 +232,7 @@ def check_resumable(manifest: dict) -> None:
         pauses_at = None
     if pauses_at is None or pauses_at != layer:
         raise CacheFileError(
-            f"manifest.paused_layer {layer} is not where --method {method['name']} with its parameters resumes"
+            f"manifest.paused_layer {layer} is not where --method {method['name']!r} with its parameters resumes"
         )
 
 

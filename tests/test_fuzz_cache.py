@@ -31,27 +31,34 @@ PAGES = [
     " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(4)),
     " ".join(f"Page two, line {i}: the lamp burned {i * 3} litres of oil." for i in range(4)),
 ]
-# (family, method, parameters, cache dtype, query budget, steering questions): one source file each
+# (family, method, parameters, cache dtype, build options): one source file each
 SOURCES = [
-    ("llama", "fastkv", {"budget": "30%"}, "float16", None, []),
-    ("qwen3", "fullkv", {}, "float32", None, []),
-    ("mistral", "snapkv", {"budget": "20%"}, "bfloat16", "10%", []),
-    ("qwen2", "streamingllm", {"budget": "16"}, "float16", None, ["Who kept the light?"]),
+    ("llama", "fastkv", {"budget": "30%"}, "float16", {}),
+    ("qwen3", "fullkv", {}, "float32", {}),
+    ("mistral", "snapkv", {"budget": "20%"}, "bfloat16", {"query_budget": Budget.parse("10%")}),
+    ("qwen2", "streamingllm", {"budget": "16"}, "float16", {"questions": ["Who kept the light?"]}),
+    ("llama", "fastkv", {"budget": "20%"}, "float32", {"query_aware": True}),
 ]
 
 
 @pytest.fixture(scope="module")
 def sources(tiny_models, tiny_tokenizer, tmp_path_factory) -> list[bytes]:
-    """The bytes of valid .fkv files: four families, methods and cache dtypes, one or two documents."""
+    """The bytes of valid .fkv files: four families, methods and cache dtypes, one or two documents, and
+    a query-aware (paused) cache."""
     folder = tmp_path_factory.mktemp("fuzz-sources")
     documents = [make_document(PAGES, "logbook.txt"), make_document(PAGES[:1], "notes.md")]
     files = []
-    for i, (family, method, parameters, dtype, query_budget, questions) in enumerate(SOURCES):
+    for i, (family, method, parameters, dtype, options) in enumerate(SOURCES):
         model = copy.deepcopy(tiny_models[family])
         model.resize_token_embeddings(len(tiny_tokenizer), mean_resizing=False)
         engine = Engine(LoadedModel(model, tiny_tokenizer, family, folder))
-        query = None if query_budget is None else Budget.parse(query_budget)
-        saved = engine.build(documents[: 1 + i % 2], make_method(method, **parameters), query, questions)
+        saved = engine.build(
+            documents[: 1 + i % 2],
+            make_method(method, **parameters),
+            options.get("query_budget"),
+            options.get("questions", []),
+            query_aware=options.get("query_aware", False),
+        )
         path = folder / f"{i}.fkv"
         save_cache(path, saved.cache, saved.manifest, dtype)
         files.append(path.read_bytes())
@@ -334,6 +341,11 @@ def assert_intact(path: Path, data: bytes) -> None:
         if n:
             assert 0 <= int(layer.positions.min()) and int(layer.positions.max()) < manifest["context_tokens"]
             assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
+    if manifest["paused_layer"] is not None:
+        assert cache.paused.hidden.shape == (manifest["context_tokens"], model["hidden_size"])
+        assert [layer.length for layer in cache.layers] == [
+            manifest["context_tokens"] if i <= manifest["paused_layer"] else 0 for i in range(model["num_layers"])
+        ]
     assert read_manifest(path) == manifest
     info = describe_cache(path)
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # encodes like a real terminal would
