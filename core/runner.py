@@ -54,33 +54,25 @@ class Runner:
         cos, sin = self.decoder.rotary_emb(h, positions.unsqueeze(0))
         return cos[0], sin[0]  # [n, head_dim]
 
-    def heads(self, x: Tensor, projection, norm=None) -> Tensor:
-        """One projection of x [n, hidden] split into heads -> [heads, n, head_dim] (qwen3 norms each head)."""
-        states = projection(x).view(x.shape[0], -1, self.head_dim)
-        return (states if norm is None else norm(states)).transpose(0, 1)
-
     def qkv(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of normed hidden states x [n, hidden] -> q [heads, n, d], k/v [kv_heads, n, d]."""
-        return self.queries(layer, x, cos, sin), self.keys(layer, x, cos, sin), self.heads(x, layer.self_attn.v_proj)
+        attn, n = layer.self_attn, x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)
+        k = attn.k_proj(x).view(n, -1, self.head_dim)
+        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def queries(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        attn = layer.self_attn
-        return apply_rope(self.heads(x, attn.q_proj, getattr(attn, "q_norm", None)), cos, sin)
-
-    def keys(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        attn = layer.self_attn
-        return apply_rope(self.heads(x, attn.k_proj, getattr(attn, "k_norm", None)), cos, sin)
-
-    def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden].
 
-        Without a `mask`, the queries are the last q.shape[1] of the keys' tokens, causal among
-        themselves: flash-attn's causal mask is aligned bottom-right, which is that mask; SDPA's
-        `is_causal` aligns it top-left, so appended queries get it explicitly. A `mask` [heads, n, keys]
-        (True: may attend) is for queries placed anywhere among the keys, and always goes to SDPA.
+        The queries are the last q.shape[1] of the keys' tokens: `causal` (prefill) or an explicit
+        `mask` (appended tokens) says so to SDPA; flash-attn's causal mask is aligned bottom-right,
+        which is that same mask in both cases.
         """
-        n, total = q.shape[1], k.shape[1]
-        if mask is None and self.flash is not None:
+        if self.flash is not None:
             o = self.flash(
                 q.transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
@@ -88,10 +80,7 @@ class Runner:
                 softmax_scale=layer.self_attn.scaling,
                 causal=True,
             )  # [1, n, heads, d]
-            return layer.self_attn.o_proj(o[0].reshape(n, -1))
-        causal = mask is None and n == total
-        if mask is None and not causal:
-            mask = appended_mask(n, total, q.device)
+            return layer.self_attn.o_proj(o[0].reshape(q.shape[1], -1))
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0),
             k.unsqueeze(0),
@@ -101,7 +90,7 @@ class Runner:
             scale=layer.self_attn.scaling,
             enable_gqa=True,
         )  # [1, heads, n, d]
-        return layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(n, -1))
+        return layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(q.shape[1], -1))
 
     def mlp(self, layer, h: Tensor) -> Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -125,7 +114,7 @@ class Runner:
         cache, layer_tokens = KVCache(seq_len=ids.shape[0]), []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
-            h = self.mlp(layer, h + self.attend(layer, q, k, v))
+            h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
             layer_tokens.append(h.shape[0])
             selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
             if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
@@ -151,11 +140,13 @@ class Runner:
     def extend(self, cache: KVCache, ids: Tensor, method: Method | None = None) -> Tensor:
         """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
 
-        New tokens attend to every cached key and causally to each other. With a `method`, each
-        layer's cache is then re-selected with the new tokens as the scoring window (the second stage
-        of a saved cache: the question picks what stays). A paused cache is resumed where it paused:
-        the tokens the method propagates there (all, if it propagates none) go on with their held
-        hidden states, so the deeper layers run as they would have on the whole prompt.
+        New tokens attend to every cached key and causally to each other. SDPA's `is_causal`
+        aligns the triangle top-left when queries and keys differ in length, so the mask is explicit.
+        With a `method`, each layer's cache is then re-selected with the new tokens as the scoring
+        window (the second stage of a saved cache: the question picks what stays). A paused cache is
+        resumed where it paused: the tokens the method propagates there (all, if it propagates none)
+        go on with their held hidden states, so the deeper layers run as they would have on the
+        whole prompt.
         """
         n = ids.shape[0]
         positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
@@ -165,7 +156,8 @@ class Runner:
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             cached = cache.layers[i].length
             layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
-            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values))
+            mask = appended_mask(h.shape[0], layer_kv.length, ids.device)  # past a resume: more than n tokens
+            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
             selection = Selection()
             if method is not None:
                 selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, q, layer_kv.keys))

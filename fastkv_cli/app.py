@@ -287,7 +287,10 @@ def cache_query(
     ] = None,
     budget: Annotated[
         str | None,
-        typer.Option(help="Re-select the stored tokens down to this budget with each question [default: the file's]."),
+        typer.Option(
+            help="Re-select the stored tokens down to this budget with each question; for a query-aware cache, "
+            "the budget each question finishes the prefill with [default: the file's]."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="The model the cache was built with [default: from the file].")

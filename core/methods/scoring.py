@@ -15,12 +15,6 @@ def window_scores(q: Tensor, k: Tensor, window: int, pooling: str = "avgpool", k
     causal mask inside the window; sum over the window queries; pool along the keys; sum the
     query heads of each GQA group.
     """
-    return pooled(window_attention(q, k, window), pooling, kernel).sum(dim=1)
-
-
-def window_attention(q: Tensor, k: Tensor, window: int) -> Tensor:
-    """The attention the last `window` queries give each earlier key, summed over the window:
-    q [heads, >= window, d], k [kv_heads, n, d] -> [kv_heads, group, n - window] (fp32)."""
     heads, d = q.shape[0], q.shape[-1]
     kv_heads, n = k.shape[0], k.shape[1]
     group = heads // kv_heads
@@ -28,12 +22,7 @@ def window_attention(q: Tensor, k: Tensor, window: int) -> Tensor:
     logits = q_window @ k.float().unsqueeze(1).transpose(-1, -2) / d**0.5  # [kv_heads, group, window, n]
     future = torch.ones(window, window, dtype=torch.bool, device=q.device).triu(1)
     logits[..., -window:] = logits[..., -window:].masked_fill(future, float("-inf"))
-    return logits.softmax(dim=-1)[..., : n - window].sum(dim=-2)
-
-
-def pooled(attention: Tensor, pooling: str, kernel: int) -> Tensor:
-    """[kv_heads, group, n] pooled along the tokens (which must be in sequence order), same shape."""
-    kv_heads, group, n = attention.shape
+    attention = logits.softmax(dim=-1)[..., : n - window].sum(dim=-2)  # [kv_heads, group, n - window]
     pool = F.avg_pool1d if pooling == "avgpool" else F.max_pool1d
-    flat = attention.reshape(kv_heads * group, 1, n)
-    return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).view(kv_heads, group, n)
+    pooled = pool(attention.reshape(heads, 1, n - window), kernel_size=kernel, stride=1, padding=kernel // 2)
+    return pooled.view(kv_heads, group, n - window).sum(dim=1)
