@@ -197,14 +197,15 @@ def run_saved(
     reserved = max(len(question_ids(engine, item.question)) for item in items) + settings.decoding.max_new_tokens
     record = partial(record_build, engine, [items[0].document], reserved=reserved)
     recording_for = shared_recordings(record, recording_of=lambda built: built[1])
-    paused: list[SavedContext] = []  # one paused build serves every budget: it caches every token
+    paused = None  # one paused build serves every budget: it caches every token up to the TSP layer
     outcomes = []
     for variant in (v for v in settings.variants if v.mode != "ask"):
         method, query_budget = variant_methods(variant, settings.stored_factor)
         if variant.mode == "query-aware":
-            paused = paused or [engine.build([items[0].document], method, None, reserved=reserved, query_aware=True)]
-            manifest = {**paused[0].manifest, "method": {"name": method.name, "parameters": method.parameters()}}
-            saved = SavedContext(paused[0].cache, manifest, paused[0].stats)
+            if paused is None:
+                paused = engine.build([items[0].document], method, None, reserved=reserved, query_aware=True)
+            manifest = {**paused.manifest, "method": {"name": method.name, "parameters": method.parameters()}}
+            saved = SavedContext(paused.cache, manifest, paused.stats)
         else:
             saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
         for item, ref in zip(items, refs, strict=True):
@@ -312,8 +313,9 @@ def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, m
     table.caption = (
         "ask: the question ends the prompt (query-aware). agnostic: a saved cache built at the budget without the "
         f"question. two-stage: built at min(100%, {settings.stored_factor:g}× budget), each question re-selects down "
-        "to the budget. query-aware: built paused at the TSP layer, each question resumes it as ask would. accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: "
-        "token F1 (docqa). same as fullkv: greedy answer identical to fullkv's ask answer; KL: mean KL(fullkv ask ‖ "
+        "to the budget. query-aware: built paused at the TSP layer, each question resumes it as ask would. "
+        "accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: token F1 "
+        "(docqa). same as fullkv: greedy answer identical to fullkv's ask answer; KL: mean KL(fullkv ask ‖ "
         "method) of the first answer token (0 for snapkv and streamingllm in ask mode: they compress after an exact "
         "prefill, so only later tokens can differ). "
         f"Greedy, at most {settings.decoding.max_new_tokens} new tokens. prefill s: "
