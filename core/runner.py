@@ -164,10 +164,13 @@ class Runner:
                 if selection.keep is not None:
                     cache.layers[i] = layer_kv.select(selection.keep)
             if cache.paused is not None and i == cache.paused.layer:
-                present = torch.cat([cache.paused.hidden, h])  # the paused layer caches every context token
-                every = torch.arange(cached + n, device=ids.device)
-                index = every if selection.propagate is None else selection.propagate
-                h, positions = present[index], torch.cat([every[:cached], positions])[index]
+                # the paused layer caches every context token in order: an index below `cached` is a position
+                index = (
+                    torch.arange(cached + n, device=ids.device) if selection.propagate is None else selection.propagate
+                )
+                context, new = index[index < cached], index[index >= cached] - cached
+                h = torch.cat([cache.paused.hidden[context], h[new]])
+                positions = torch.cat([context, positions[new]])
                 cos, sin = self.rope(h, positions)
                 cache.paused = None
         cache.seq_len += n

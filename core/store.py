@@ -230,7 +230,7 @@ def check_resumable(manifest: dict) -> None:
         pauses_at = make_method(method["name"], **method["parameters"]).pause_layer(manifest["model"]["num_layers"])
     except (FastKVError, TypeError, ValueError):
         pauses_at = None
-    if pauses_at is None or pauses_at != layer:
+    if pauses_at != layer:
         raise CacheFileError(
             f"manifest.paused_layer {layer} is not where --method {method['name']!r} with its parameters resumes"
         )
