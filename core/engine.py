@@ -203,7 +203,7 @@ class Engine:
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
-        prefilled = method if pause is None else PauseAfter(pause)
+        prefilled = method if pause is None else PauseAfter(pause, window=method.window)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
         selection = prefilled.steered(len(context.ids), len(steering))

@@ -74,18 +74,26 @@ class Paused:
 
     A query-aware saved cache holds every token's keys and values up to `layer` (the TSP layer) and
     nothing deeper; each question resumes the prefill from here with its own Token-Selective
-    Propagation, so it answers as `ask` would (Runner.extend).
+    Propagation, so it answers as `ask` would (Runner.extend). `queries` holds, for each layer up to
+    `layer`, the last context tokens' queries: where the scoring window is longer than a question,
+    `ask` scores with those tokens too.
     """
 
     layer: int
     hidden: Tensor  # [context tokens, hidden_size], in position order
+    queries: Tensor | None = None  # [layer + 1, heads, held tokens, head_dim], after RoPE; None: none held
 
     @property
     def nbytes(self) -> int:
-        return self.hidden.nbytes
+        return self.hidden.nbytes + (0 if self.queries is None else self.queries.nbytes)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "Paused":
-        return Paused(self.layer, self.hidden.to(device, dtype))
+        queries = None if self.queries is None else self.queries.to(device, dtype)
+        return Paused(self.layer, self.hidden.to(device, dtype), queries)
+
+    def window_queries(self, i: int, q: Tensor) -> Tensor:
+        """Layer i's queries of the appended tokens q [heads, n, d], after the held context queries."""
+        return q if self.queries is None else torch.cat([self.queries[i], q], dim=1)
 
 
 @dataclass

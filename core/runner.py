@@ -111,7 +111,7 @@ class Runner:
         positions = torch.arange(ids.shape[0], device=ids.device)  # original positions of the tokens present
         h = self.decoder.embed_tokens(ids)  # [n, hidden]
         cos, sin = self.rope(h, positions)
-        cache, layer_tokens = KVCache(seq_len=ids.shape[0]), []
+        cache, layer_tokens, held_queries = KVCache(seq_len=ids.shape[0]), [], []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
@@ -124,8 +124,10 @@ class Runner:
                 return restarted
             layer_kv = LayerKV(k, v, positions.expand(self.num_kv_heads, -1))
             cache.layers.append(layer_kv if selection.keep is None else layer_kv.select(selection.keep))
+            if selection.hold_queries:
+                held_queries.append(q[:, -selection.hold_queries :])
             if selection.pause:
-                cache.paused = Paused(i, h)
+                cache.paused = Paused(i, h, torch.stack(held_queries) if held_queries else None)
                 cache.layers += [LayerKV(k[:, :0], v[:, :0], positions[:0].expand(self.num_kv_heads, -1))
                                  for _ in range(i + 1, self.num_layers)]  # fmt: skip
                 progress("prefill", self.num_layers, self.num_layers)
@@ -146,7 +148,7 @@ class Runner:
         window (the second stage of a saved cache: the question picks what stays). A paused cache is
         resumed where it paused: the tokens the method propagates there (all, if it propagates none)
         go on with their held hidden states, so the deeper layers run as they would have on the
-        whole prompt.
+        whole prompt; up to there, the context queries it held join the question's in the scoring window.
         """
         n = ids.shape[0]
         positions = torch.arange(cache.seq_len, cache.seq_len + n, device=ids.device)
@@ -160,7 +162,8 @@ class Runner:
             h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
             selection = Selection()
             if method is not None:
-                selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, q, layer_kv.keys))
+                scoring = q if cache.paused is None else cache.paused.window_queries(i, q)
+                selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, scoring, layer_kv.keys))
                 if selection.keep is not None:
                     cache.layers[i] = layer_kv.select(selection.keep)
             if cache.paused is not None and i == cache.paused.layer:

@@ -20,8 +20,9 @@ from core.errors import CacheFileError, FastKVError, InputError
 from core.kvcache import KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 had no query-aware caches and no `paused_layer`
+FORMAT_VERSION = 3
+# version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,6 +92,8 @@ def cache_tensors(cache: KVCache, dtype: torch.dtype) -> dict[str, torch.Tensor]
         tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
     if cache.paused is not None:
         tensors["paused.hidden"] = cache.paused.hidden.to(dtype).contiguous().cpu()
+        if cache.paused.queries is not None:
+            tensors["paused.queries"] = cache.paused.queries.to(dtype).contiguous().cpu()
     return tensors
 
 
@@ -272,6 +275,8 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     }
     if manifest["paused_layer"] is not None:
         expected_names.add("paused.hidden")
+        if manifest["format_version"] >= 3:
+            expected_names.add("paused.queries")
     if set(tensors) != expected_names:
         paused = "" if manifest["paused_layer"] is None else " and a paused prefill"
         raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers{paused}")
@@ -305,13 +310,21 @@ def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: li
         raise CacheFileError(f"{path}: the paused hidden states have the wrong shape")
     if hidden.dtype != CACHE_DTYPES[manifest["dtype"]]:
         raise CacheFileError(f"{path}: the paused hidden states have the wrong dtype")
+    queries = tensors.get("paused.queries")  # absent from version 2 files: a resume scores with the question alone
+    if queries is not None:
+        model, method = manifest["model"], manifest["method"]
+        window = make_method(method["name"], **method["parameters"]).window  # check_resumable made it once already
+        if tuple(queries.shape) != (layer + 1, model["num_heads"], min(window, context), model["head_dim"]):
+            raise CacheFileError(f"{path}: the paused queries have the wrong shape")
+        if queries.dtype != hidden.dtype:
+            raise CacheFileError(f"{path}: the paused queries have the wrong dtype")
     every = torch.arange(context, dtype=torch.int32)
     for i, cached in enumerate(layers):
         if i <= layer and not (cached.length == context and bool((cached.positions == every).all())):
             raise CacheFileError(f"{path}: layer {i} of a paused prefill does not cache every context token")
         if i > layer and cached.length:
             raise CacheFileError(f"{path}: layer {i} is past the paused layer {layer} but caches tokens")
-    return Paused(layer, hidden)
+    return Paused(layer, hidden, queries)
 
 
 def describe_cache(path: Path) -> dict:

@@ -61,7 +61,8 @@ def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def assert_same_cache(a: KVCache, b: KVCache) -> None:
-    """Every layer's keys, values and positions, and a paused prefill's hidden states, equal bit for bit."""
+    """Every layer's keys, values and positions, and a paused prefill's hidden states and held queries,
+    equal bit for bit."""
     assert a.seq_len == b.seq_len
     assert len(a.layers) == len(b.layers)
     for x, y in zip(a.layers, b.layers, strict=True):
@@ -72,3 +73,6 @@ def assert_same_cache(a: KVCache, b: KVCache) -> None:
     if a.paused is not None:
         assert a.paused.layer == b.paused.layer
         assert_bit_equal(a.paused.hidden, b.paused.hidden)
+        assert (a.paused.queries is None) == (b.paused.queries is None)
+        if a.paused.queries is not None:
+            assert_bit_equal(a.paused.queries, b.paused.queries)

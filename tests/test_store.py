@@ -111,7 +111,7 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 2, "dtype": "float32"})
+    expected = json_roundtrip({**saved.manifest, "format_version": 3, "dtype": "float32"})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +311,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(3, "format_version"), "format version 3"),
+    "future-version": (assign(4, "format_version"), "format version 4"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
@@ -489,6 +489,10 @@ def drop_paused(tensors):
     del tensors["paused.hidden"]
 
 
+def drop_queries(tensors):
+    del tensors["paused.queries"]
+
+
 def drop_last_token(layer: int):
     def edit(tensors):
         for part in ("keys", "values", "positions"):
@@ -507,6 +511,16 @@ PAUSED_CASES = {
     "hidden-states-too-narrow": (update("paused.hidden", lambda h: h[:, 1:].contiguous()), "wrong shape"),
     "hidden-state-missing": (update("paused.hidden", lambda h: h[1:].contiguous()), "wrong shape"),
     "hidden-states-in-float32": (update("paused.hidden", lambda h: h.float()), "hidden states have the wrong dtype"),
+    "queries-missing": (drop_queries, "and a paused prefill"),
+    "queries-of-a-layer-too-few": (
+        update("paused.queries", lambda q: q[1:].contiguous()),
+        "queries have the wrong shape",
+    ),
+    "queries-of-a-token-too-few": (
+        update("paused.queries", lambda q: q[:, :, 1:].contiguous()),
+        "queries have the wrong shape",
+    ),
+    "queries-in-float32": (update("paused.queries", lambda q: q.float()), "queries have the wrong dtype"),
     "paused-layer-misses-a-token": (drop_last_token(1), "layer 1 of a paused prefill does not cache every"),
     "deeper-layer-caches-tokens": (fill_deeper_layer, f"layer {NUM_LAYERS - 1} is past the paused layer 1"),
 }
@@ -536,6 +550,15 @@ def test_a_paused_layer_its_method_does_not_resume_at_is_refused(query_aware_fil
     path = rewrite_manifest(query_aware_file, tmp_path / "moved.fkv", edit)
 
     assert "is not where --method" in refusal(load_cache, path)
+
+
+def test_a_version_2_query_aware_file_without_held_queries_still_loads_and_answers(engine, query_aware_file, tmp_path):
+    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", drop_queries)
+    path = rewrite_manifest(path, tmp_path / "v2-manifest.fkv", assign(2, "format_version"))
+
+    cache, manifest = load_cache(path, "cpu", torch.float32)
+    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, decoding=Decoding(max_new_tokens=4))
+    assert cache.paused.queries is None and answer.stats.new_tokens >= 1
 
 
 def test_paused_hidden_states_without_a_paused_layer_are_refused(query_aware_file, tmp_path):

@@ -75,6 +75,7 @@ class Selection:
     propagate: Tensor | None = None  # [m'] sorted token indices the next layers run on (TSP)
     restart: Tensor | None = None  # [m''] sorted token ids to prefill again with fresh positions
     pause: bool = False  # stop the prefill after this layer, holding every token's hidden state
+    hold_queries: int = 0  # keep this layer's last queries with a paused prefill, for its resume to score with
 
 
 def top_tokens(scores: Tensor, count: int, window: int) -> Tensor:
@@ -137,9 +138,12 @@ class PauseAfter(Method):
 
     name: ClassVar[str] = "pause"
     layer: int = 0
+    # The resumed method's scoring window: a question shorter than it scores with the last context
+    # tokens too, as in `ask`, so each layer up to the pause keeps that many of its last queries.
+    window: int = 0
 
     def select(self, layer: LayerInput) -> Selection:
-        return Selection(pause=layer.index == self.layer)
+        return Selection(pause=layer.index == self.layer, hold_queries=self.window if layer.index <= self.layer else 0)
 
     def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
         return context_len * min(self.layer + 1, num_layers)
@@ -192,6 +196,8 @@ class ScoredMethod(Method):
         return None
 
     def select(self, layer: LayerInput) -> Selection:
+        if layer.q.shape[1] < self.window:  # fewer queries than the window (an appended question): score with those
+            return replace(self, window=layer.q.shape[1]).select(layer)
         kept, propagated = self.kept_count(layer), self.propagated_count(layer)
         if kept is None and propagated is None:
             return Selection()
