@@ -71,7 +71,9 @@ def query_method(manifest: dict, budget: Budget | None, question_tokens: int) ->
     answers should use every stored token."""
     method, parameters = manifest["method"]["name"], manifest["method"]["parameters"]
     if manifest["paused_layer"] is not None:
-        return make_method(method, **{**parameters, "budget": budget or parameters["budget"]})
+        return make_method(method, **{**parameters, "budget": budget or parameters["budget"]}).for_question(
+            question_tokens
+        )
     if budget is None and manifest["query_budget"] is not None:
         budget = Budget.parse(manifest["query_budget"])
     if budget is None:
@@ -140,9 +142,9 @@ class Engine:
         would not fit the device's free memory is refused before it starts (MemoryLimitError);
         with `truncate`, the documents are cut to what fits.
         """
-        method = method or make_method(DEFAULT_METHOD)
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         question_ids = encode_question(self.loaded.tokenizer, self.template, question)
+        method = (method or make_method(DEFAULT_METHOD)).for_question(len(question_ids))
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         new_tokens, extra = decoding.max_new_tokens, len(question_ids)
         most = memory_room(guard, truncate, method, extra, new_tokens=new_tokens)
@@ -198,12 +200,14 @@ class Engine:
             )
         if query_aware:
             check_query_aware(method, query_budget, questions)
+        else:  # a query-aware cache keeps a question window for each question to resolve
+            method = method.for_question(None)
         pause = method.pause_layer(self.runner.num_layers) if query_aware else None
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
-        prefilled = method if pause is None else PauseAfter(pause, window=method.window)
+        prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
         selection = prefilled.steered(len(context.ids), len(steering))
@@ -229,6 +233,7 @@ class Engine:
             "query_budget": None if query_budget is None else str(query_budget),
             "steering_questions": len(questions),
             "paused_layer": pause,
+            "policy": method.resolved(len(context.ids), self.runner.num_layers),
             "context_tokens": len(context.ids),
             "dropped_tokens": context.dropped_tokens,
             "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},

@@ -48,6 +48,7 @@ MANIFEST_SCHEMA = {
     "query_budget": (str, type(None)),
     "steering_questions": int,
     "paused_layer": (int, type(None)),
+    "policy": (dict, type(None)),  # the method's settings in tokens for this context; from version 3
     "context_tokens": int,
     "dropped_tokens": int,
     "template": {"question_prefix": str, "tail": str},
@@ -213,6 +214,8 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         raise CacheFileError(f"{path}: cache format version {version!r}; this fastkv reads versions {readable}")
     if version == 1:
         manifest["paused_layer"] = None
+    if version in (1, 2):
+        manifest["policy"] = None
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -239,6 +242,22 @@ def check_resumable(manifest: dict) -> None:
         )
 
 
+def resumed_method(manifest: dict):
+    """The method each query of a query-aware cache resumes with (check_resumable has made it once)."""
+    return make_method(manifest["method"]["name"], **manifest["method"]["parameters"])
+
+
+POLICY_COUNTS = ("budget_tokens", "propagated_tokens", "tsp_layer")
+
+
+def check_policy(policy: dict | None) -> None:
+    """The resolved policy's counts are whole numbers, its window a number of tokens or null (the question's)."""
+    for key, value in (policy or {}).items():
+        count = type(value) is int and value >= 0
+        if key in POLICY_COUNTS and not count or key == "window" and not (value is None or count and value >= 1):
+            raise CacheFileError(f"manifest.policy.{key} should be a token count, not {str(value)[:40]!r}")
+
+
 def check_values(manifest: dict) -> None:
     """Sizes are positive, counts not negative, and page spans are [start, end) pairs inside the context."""
     for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -251,6 +270,7 @@ def check_values(manifest: dict) -> None:
             raise CacheFileError(f"manifest.{key} should not be negative, not {manifest[key]}")
     if manifest["paused_layer"] is not None:
         check_resumable(manifest)
+    check_policy(manifest["policy"])
     for i, document in enumerate(manifest["documents"]):
         where = f"manifest.documents[{i}]"
         if min(document["size"], document["pages"], document["tokens"]) < 0:
@@ -275,7 +295,7 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     }
     if manifest["paused_layer"] is not None:
         expected_names.add("paused.hidden")
-        if manifest["format_version"] >= 3:
+        if manifest["format_version"] >= 3 and resumed_method(manifest).window is not None:
             expected_names.add("paused.queries")
     if set(tensors) != expected_names:
         paused = "" if manifest["paused_layer"] is None else " and a paused prefill"
@@ -312,8 +332,7 @@ def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: li
         raise CacheFileError(f"{path}: the paused hidden states have the wrong dtype")
     queries = tensors.get("paused.queries")  # absent from version 2 files: a resume scores with the question alone
     if queries is not None:
-        model, method = manifest["model"], manifest["method"]
-        window = make_method(method["name"], **method["parameters"]).window  # check_resumable made it once already
+        model, window = manifest["model"], resumed_method(manifest).window
         if tuple(queries.shape) != (layer + 1, model["num_heads"], min(window, context), model["head_dim"]):
             raise CacheFileError(f"{path}: the paused queries have the wrong shape")
         if queries.dtype != hidden.dtype:

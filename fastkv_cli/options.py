@@ -29,7 +29,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats
 MethodName = Annotated[str, typer.Option("--method", help="fastkv, fullkv, snapkv, streamingllm or gemfilter.")]
 Budget = Annotated[
     str | None,
-    typer.Option(help="Tokens cached per layer: a share of the context (10%) or a count (1024) [default: 10%]."),
+    typer.Option(
+        help="Tokens cached per layer: a share of the context (10%), a count (1024), or a share with a floor "
+        "(25%,2048) [default: 10%]."
+    ),
 ]
 TspLayer = Annotated[
     int | None, typer.Option(help="fastkv: the layer after which only selected tokens propagate [default: middle].")
@@ -38,7 +41,10 @@ TspRate = Annotated[
     str | None, typer.Option(help="fastkv: tokens propagated past --tsp-layer, share (20%) or count [default: 20%].")
 ]
 Pooling = Annotated[str | None, typer.Option(help="fastkv/snapkv: avgpool or maxpool over the window scores.")]
-Window = Annotated[int | None, typer.Option(help="fastkv/snapkv: how many last queries score the tokens [default: 8].")]
+Window = Annotated[
+    str | None,
+    typer.Option(help="fastkv/snapkv: how many last queries score the tokens, or 'question' [default: 8]."),
+]
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]

@@ -105,6 +105,20 @@ def query_selection(manifest: dict) -> str:
     return "none: answers use every stored token"
 
 
+def policy_line(manifest: dict) -> str:
+    """The method's settings in tokens for this context, as the build resolved them (store checked the counts)."""
+    policy = manifest["policy"] or {}
+    parts = []
+    if "budget_tokens" in policy:
+        parts.append(f"{policy['budget_tokens']:,} tokens per layer")
+    if "propagated_tokens" in policy:
+        parts.append(f"{policy['propagated_tokens']:,} propagated after layer {policy.get('tsp_layer', '?')}")
+    if "window" in policy:
+        window = policy["window"]
+        parts.append("scored by each question's tokens" if window is None else f"scored by the last {window} tokens")
+    return " · ".join(parts) or "—"
+
+
 def cache_info_view(info: dict) -> Group:
     """Manifest, sizes and per-page coverage of a .fkv file."""
     manifest, model = info["manifest"], info["manifest"]["model"]
@@ -120,6 +134,7 @@ def cache_info_view(info: dict) -> Group:
             f"{model['name']} ({model['model_type']}, {model['num_layers']} layers, {model['num_kv_heads']} KV heads)",
         ),
         ("method", f"{method['name']} ({parameters})"),
+        ("policy", policy_line(manifest)),
         ("query selection", query_selection(manifest)),
         ("steering questions", str(manifest["steering_questions"])),
         (

@@ -16,6 +16,15 @@ class Item:
     question: str
     answers: tuple[str, ...]  # acceptable answers (passkey: the key)
     length: int | None = None  # passkey: the prompt length it was made for, in tokens
+    half: str = "tuning"  # HALVES: settings are chosen on the tuning half, claims made on the held-out one
+
+
+HALVES = ("tuning", "held-out")
+
+
+def half_of(index: int) -> str:
+    """Items alternate between the halves by a fixed index, so each half spans every document, depth and length."""
+    return HALVES[index % 2]
 
 
 def text_document(name: str, text: str) -> Document:

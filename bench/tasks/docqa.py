@@ -8,7 +8,7 @@ from pathlib import Path
 from common import ROOT
 
 from core.documents import read_document
-from tasks import Item
+from tasks import Item, half_of
 
 DATA = Path(__file__).with_name("docqa.jsonl")
 
@@ -22,11 +22,19 @@ def items() -> list[Item]:
     """Every question, taking one per document in turn (shortest document first), so a --limit spans them."""
     by_document: dict[str, list[dict]] = {}
     for row in questions():
+        row["half"] = half_of(len(by_document.get(row["document"], [])))  # alternate within each document's list
         by_document.setdefault(row["document"], []).append(row)
     documents = {path: replace(read_document(str(ROOT / path)), name=path) for path in by_document}
     order = sorted(by_document, key=lambda path: len(documents[path].text))
     rows = [row for turn in zip_longest(*(by_document[path] for path in order)) for row in turn if row is not None]
     return [
-        Item("docqa", row["document"], documents[row["document"]], row["question"], tuple(row["answers"]))
+        Item(
+            "docqa",
+            row["document"],
+            documents[row["document"]],
+            row["question"],
+            tuple(row["answers"]),
+            half=row["half"],
+        )
         for row in rows
     ]

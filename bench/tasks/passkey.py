@@ -1,11 +1,12 @@
 """Passkey retrieval: a random number hidden at a controlled depth of real filler text, at several prompt lengths."""
 
+import math
 import random
 
 from common import real_text
 
 from core.prompt import PromptTemplate, encode_question
-from tasks import Item, text_document
+from tasks import Item, half_of, text_document
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the key sits in the filler: start ... end
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
@@ -38,12 +39,13 @@ def items(tokenizer, template: PromptTemplate, lengths: list[int]) -> list[Item]
     question = len(encode_question(tokenizer, template, QUESTION))
     frame = count(tokenizer, template.head + INTRO + template.separator) + question + SLACK
     result = []
-    for depth in DEPTHS:
+    for d, depth in enumerate(DEPTHS):
         for length in lengths:
             key = passkey(length, depth)
             needle = NEEDLE.format(key=key)
             filler = tokenizer.decode(filler_ids[: length - frame - count(tokenizer, needle)])
             name = f"passkey {length} @{depth:.0%}"
             document = text_document(name, INTRO + insert_at_depth(filler, needle, depth))
-            result.append(Item("passkey", name, document, QUESTION, (key,), length))
+            half = half_of(d + round(math.log2(length)))  # fixed per item, whichever lengths a run asks for
+            result.append(Item("passkey", name, document, QUESTION, (key,), length, half))
     return result

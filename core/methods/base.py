@@ -18,16 +18,25 @@ from core.errors import InputError
 
 @dataclass(frozen=True)
 class Budget:
-    """A token count per layer: a fraction of the context (`10%`, `0.1`) or a constant (`1024`)."""
+    """A token count per layer: a share of the context (`10%`, `0.1`), a constant (`1024`), or a share
+    with a floor (`25%,2048`: a quarter of the context, at least 2048 tokens; the paper counts tokens,
+    and a share of a short document is very few)."""
 
     value: float
     proportional: bool
+    floor: int = 0  # tokens; only with a share
 
     @classmethod
     def parse(cls, text: "str | Budget", option: str = "--budget") -> "Budget":
         if isinstance(text, Budget):
             return text
         text = str(text).strip()
+        share, comma, floor = text.partition(",")
+        if comma:
+            budget = cls.parse(share, option)
+            if not (budget.proportional and re.fullmatch(r"\d+", floor.strip()) and int(floor) >= 1):
+                raise InputError(f"{option} takes a share and a floor as 25%,2048, got '{text}'")
+            return cls(budget.value, proportional=True, floor=int(floor))
         if match := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
             fraction = float(match[1]) / 100
         elif re.fullmatch(r"\d+", text):
@@ -38,18 +47,23 @@ class Budget:
             fraction = float(text)
         else:
             raise InputError(
-                f"{option} takes a percentage (10%), a fraction (0.1) or a token count (1024), got '{text}'"
+                f"{option} takes a percentage (10%), a fraction (0.1), a token count (1024) or a percentage "
+                f"with a floor (25%,2048), got '{text}'"
             )
         if not 0 < fraction <= 1:
             raise InputError(f"{option} must be more than 0% and at most 100%, got '{text}'")
         return cls(fraction, proportional=True)
 
     def tokens(self, context_len: int) -> int:
+        if not self.proportional:
+            return int(self.value)
         # round first: 0.29 * 100 is 28.999999999999996 in floating point
-        return int(round(context_len * self.value, 6)) if self.proportional else int(self.value)
+        return max(int(round(context_len * self.value, 6)), self.floor)
 
     def __str__(self) -> str:
-        return f"{self.value * 100:g}%" if self.proportional else str(int(self.value))
+        if not self.proportional:
+            return str(int(self.value))
+        return f"{self.value * 100:g}%" + (f",{self.floor}" if self.floor else "")
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,15 @@ class Method:
         question (None: every layer's does, so there is nothing to save)."""
         return None
 
+    def resolved(self, context_len: int, num_layers: int) -> dict:
+        """The policy in tokens for a prompt of `context_len` tokens (the manifest and `cache info` show it)."""
+        return {"budget_tokens": context_len}
+
+    def for_question(self, question_tokens: int | None) -> "Method":
+        """This method for a prompt ending with a question of `question_tokens` tokens (None: a build
+        that has no question): a window that is the question takes its length."""
+        return self
+
     def steered(self, context_len: int, extra: int) -> "Method":
         """This method for a prompt of `context_len` tokens followed by `extra` steering tokens
         that act as the scoring window and are dropped afterwards (their count comes on top of
@@ -152,9 +175,25 @@ class PauseAfter(Method):
         return context_len
 
 
-def check_window_and_kernel(window: int, kernel: int) -> None:
+QUESTION_WINDOW = "question"
+BLIND_WINDOW = 8  # what a question window scores with where there is no question: the prompt's last tokens
+
+
+def parse_window(window: "int | str | None") -> int | None:
+    """--window: a number of last queries, or `question` (None): every token of the question, with the
+    chat template's tail after it."""
+    if window is None or window == QUESTION_WINDOW:
+        return None
+    if isinstance(window, str):
+        if not re.fullmatch(r"\s*\d+\s*", window):
+            raise InputError(f"--window takes a number of tokens or '{QUESTION_WINDOW}', got '{window}'")
+        window = int(window)
     if window < 1:
         raise InputError(f"--window must be at least 1, got {window}")
+    return window
+
+
+def check_kernel(kernel: int) -> None:
     if kernel < 1 or kernel % 2 == 0:
         raise InputError(f"the pooling kernel must be odd and positive, got {kernel}")
 
@@ -163,16 +202,28 @@ def check_window_and_kernel(window: int, kernel: int) -> None:
 class ScoredMethod(Method):
     """Per layer and KV head, keep the `budget` best-scored tokens, the last `window` among them.
 
+    `window` None scores with the question's tokens, however many (`for_question` resolves it).
     Subclasses only say how tokens score (`scores`) and, optionally, how many propagate.
     """
 
     budget: Budget = field(default_factory=lambda: Budget(0.1, proportional=True))
-    window: int = 8
+    window: int | None = 8
 
     def __post_init__(self):
         self.budget = Budget.parse(self.budget)
-        if self.window < 1:
-            raise InputError(f"--window must be at least 1, got {self.window}")
+        self.window = parse_window(self.window)
+
+    def resolved(self, context_len: int, num_layers: int) -> dict:
+        kept = min(max(self.budget.tokens(context_len), self.window or 0), context_len)
+        return {"budget_tokens": kept, "window": self.window}  # window None: each question's tokens
+
+    def parameters(self) -> dict:
+        return {**super().parameters(), "window": QUESTION_WINDOW if self.window is None else self.window}
+
+    def for_question(self, question_tokens: int | None) -> "ScoredMethod":
+        if self.window is not None:
+            return self
+        return replace(self, window=question_tokens or BLIND_WINDOW)
 
     def scores(self, layer: LayerInput) -> Tensor:
         """[kv_heads, present - window]: higher is kept first."""

@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from core.errors import InputError
-from core.methods.base import Budget, LayerInput, check_window_and_kernel
+from core.methods.base import Budget, LayerInput, check_kernel
 from core.methods.scoring import window_scores
 from core.methods.snapkv import SnapKV
 
@@ -28,7 +28,7 @@ class FastKV(SnapKV):
     def __post_init__(self):
         super().__post_init__()
         self.tsp_rate = Budget.parse(self.tsp_rate, "--tsp-rate")
-        check_window_and_kernel(self.window, self.tsp_kernel)
+        check_kernel(self.tsp_kernel)
         if self.tsp_layer is not None and self.tsp_layer < 0:
             raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
 
@@ -36,6 +36,11 @@ class FastKV(SnapKV):
         """Tokens the layers past tsp_layer run on: tsp_rate, or the budget where that is larger
         (deeper layers can cache only what reaches them)."""
         return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.window)
+
+    def resolved(self, context_len: int, num_layers: int) -> dict:
+        propagated = min(max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len)), context_len)
+        tsp = {"tsp_layer": self.tsp_layer_for(num_layers), "propagated_tokens": propagated}
+        return {**super().resolved(context_len, num_layers), **tsp}
 
     def steered(self, context_len: int, extra: int) -> "FastKV":
         if not extra:

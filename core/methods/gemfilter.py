@@ -8,7 +8,16 @@ from typing import ClassVar
 import torch.nn.functional as F
 
 from core.errors import InputError
-from core.methods.base import Budget, LayerInput, Method, Selection, check_window_and_kernel, top_tokens
+from core.methods.base import (
+    BLIND_WINDOW,
+    Budget,
+    LayerInput,
+    Method,
+    Selection,
+    check_kernel,
+    parse_window,
+    top_tokens,
+)
 
 
 @dataclass
@@ -24,7 +33,8 @@ class GemFilter(Method):
         self.budget = Budget.parse(self.budget)
         if self.filter_layer is not None and self.filter_layer < 0:
             raise InputError(f"--filter-layer must be >= 0, got {self.filter_layer}")
-        check_window_and_kernel(self.window, self.kernel)
+        self.window = parse_window(self.window) or BLIND_WINDOW  # it scores with its last query only
+        check_kernel(self.kernel)
 
     def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
         """The first pass's full layers are still held while the chosen tokens are prefilled again."""

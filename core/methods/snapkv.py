@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from core.errors import InputError
-from core.methods.base import LayerInput, ScoredMethod, check_window_and_kernel
+from core.methods.base import LayerInput, ScoredMethod, check_kernel
 from core.methods.scoring import POOLINGS, window_scores
 
 
@@ -20,7 +20,7 @@ class SnapKV(ScoredMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        check_window_and_kernel(self.window, self.kernel)
+        check_kernel(self.kernel)
         if self.pooling not in POOLINGS:
             raise InputError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
 
