@@ -30,7 +30,7 @@ SUPPORTED = "fastkv reads UTF-8 text and PDF files"
 PDF_HEADER_SEARCH = 1024  # readers accept the %PDF- header anywhere in the first 1 KiB
 MAX_REASON_CHARS = 120
 CHUNK_BYTES = 1 << 16  # read at a time; the first chunk decides PDF or text, UTF-16, binary
-PIECE_CHARS = 1 << 14  # text tokenized at a time while counting
+PIECE_CHARS = 1 << 12  # text tokenized at a time while counting (about a thousand tokens)
 FORCED_PIECE_CHARS = 1 << 17  # text with no safe cut this long is cut anyway ...
 FORCED_CUT_SLACK = 8  # ... and that cut may have added this many tokens (measured: 1 or 2)
 MAX_STREAM_BYTES = 16 << 30  # a stream (stdin, FIFO, device) read to its end stops here
@@ -317,13 +317,13 @@ def _read_text(source: _Source, limit: TokenLimit | None, used: int) -> tuple[Do
     return document, tally.at_least if tally is not None else 0
 
 
-def _check_fits(source: _Source, limit: TokenLimit, tokens: int) -> None:
+def _check_fits(source: _Source, limit: TokenLimit, tokens: int, where: str = "") -> None:
     """Refuse, once they certainly have more tokens than the window leaves them, documents not truncated."""
     if tokens <= limit.room or limit.truncate is not None:
         return
     raise ContextOverflowError(
         f"the prompt needs at least {tokens + limit.extra:,} tokens (at least {tokens:,} of documents: reading "
-        f"{source.name} stopped after {source.size:,} bytes; and {limit.extra:,} for the question and answer) but "
+        f"{source.name} stopped after {where or f'{source.size:,} bytes'}; and {limit.extra:,} for the question and answer) but "
         f"the model's window is {limit.window:,}; pass --truncate middle to drop at least "
         f"{tokens + limit.extra - limit.window:,} tokens from the middle of the documents"
     )
@@ -363,7 +363,7 @@ def _read_pdf(
             pages[front] = _page_text(source.name, reader, front)
             if tally is not None:
                 tally.feed((PAGE_SEPARATOR if front else "") + pages[front])
-                _check_fits(source, limit, used + tally.at_least)
+                _check_fits(source, limit, used + tally.at_least, f"page {front + 1:,} of {total:,}")
             front += 1
             if on_page is not None:
                 on_page(front, total)
