@@ -335,3 +335,11 @@ def test_the_cli_reports_pages_used_and_an_estimated_drop(many_pages, tiny_model
 def test_the_cli_refuses_a_2000_page_pdf_in_one_line(many_pages, tiny_model_folder):
     result = fastkv("ask", many_pages, QUESTION, "--model", tiny_model_folder.path)
     assert_one_line_error(result, "at least", "of 2,000", "--truncate middle")
+
+
+def test_cache_build_reads_under_the_same_bound(tiny_model_folder, tmp_path):
+    output = tmp_path / "c.fkv"
+    result = fastkv("cache", "build", "-", "-o", output, "--model", tiny_model_folder.path, input=words(400_000))
+
+    assert_one_line_error(result, "at least", "reading <stdin> stopped after", "--truncate middle")
+    assert not output.exists()
