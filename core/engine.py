@@ -4,11 +4,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 
 import torch
 
 from core import __version__ as FASTKV_VERSION
-from core.documents import Document
+from core.documents import Document, TokenLimit
 from core.errors import CacheFileError, ContextOverflowError, InputError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
@@ -17,7 +18,7 @@ from core.methods import DEFAULT_METHOD, Budget, Method, PauseAfter, make_method
 from core.methods.snapkv import SnapKV
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
 from core.progress import Progress, no_progress
-from core.prompt import Context, PromptTemplate, encode_context, encode_question, fit_context
+from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
 from core.store import CACHE_DTYPES
@@ -58,10 +59,19 @@ class Answer:
 
 
 def document_summaries(documents: list[Document], context: Context) -> list[dict]:
+    """Per document: name, sha256, pages, the tokens in the context and how many pages have some there."""
     return [
-        {"name": doc.name, "sha256": doc.sha256, "pages": doc.pages, "tokens": tokens}
-        for doc, tokens in zip(documents, context.tokens_per_document, strict=True)
+        {"name": doc.name, "sha256": doc.sha256, "pages": doc.pages, "tokens": tokens, "pages_used": used}
+        for doc, tokens, used in zip(documents, context.tokens_per_document, pages_used(context), strict=True)
     ]
+
+
+def pages_used(context: Context) -> list[int]:
+    return [sum(end > start for start, end in pages) for pages in context.page_token_spans]
+
+
+def manifest_pages_used(manifest: dict) -> list[int]:
+    return [sum(end > start for start, end in doc["page_token_spans"]) for doc in manifest["documents"]]
 
 
 def query_method(manifest: dict, budget: Budget | None, question_tokens: int) -> Method | None:
@@ -121,6 +131,30 @@ class Engine:
         loaded = load_model(model, device, dtype, progress)
         return cls(loaded, time.perf_counter() - start)
 
+    @cached_property
+    def longest_token(self) -> int:
+        """Characters of the longest vocabulary entry (byte-level entries: one per byte): no token covers more
+        of a text."""
+        return max(len(token) for token in self.loaded.tokenizer.get_vocab())
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def token_limit(self, reserved: int, truncate: str | None) -> TokenLimit:
+        """What reading the documents may keep: the window less `reserved` tokens (question and answer)."""
+        check_truncate(truncate)
+        window = self.loaded.context_window
+        return TokenLimit(window - reserved, self.count_tokens, self.longest_token, window, reserved, truncate)
+
+    def ask_limit(self, question: str, max_new_tokens: int, truncate: str | None) -> TokenLimit:
+        """The documents' limit for `ask`: what the question and its answer leave of the window."""
+        question_ids = encode_question(self.loaded.tokenizer, self.template, question)
+        return self.token_limit(len(question_ids) + max_new_tokens, truncate)
+
+    def build_limit(self, truncate: str | None, reserved: int = QUESTION_RESERVE) -> TokenLimit:
+        """The documents' limit for `build`: what a later question and answer will need is kept free."""
+        return self.token_limit(min(reserved, self.loaded.context_window // 4), truncate)
+
     def tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.loaded.device)
 
@@ -155,6 +189,7 @@ class Engine:
         prefill = self.runner.prefill(self.tensor(context.ids + question_ids), method, progress)
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens = len(context.ids) + len(question_ids), context.dropped_tokens
+        stats.dropped_tokens_estimated = context.dropped_estimated
         stats.layer_tokens = prefill.layer_tokens
         self.record_cache(stats, prefill.cache)
         text = self.decode(prefill.cache, prefill.logits, decoding, on_text, stats, clock)
@@ -223,6 +258,7 @@ class Engine:
             context.dropped_tokens,
             prefill.layer_tokens,
         )
+        stats.dropped_tokens_estimated = context.dropped_estimated
         self.record_cache(stats, cache)
         manifest = {
             "fastkv_version": FASTKV_VERSION,
@@ -284,7 +320,10 @@ class Engine:
         self.record_cache(stats, cache)
         text = self.decode(cache, logits, decoding, on_text, stats, clock)
         stats.ttft_s += stats.cache_load_s or 0.0
-        documents = [{key: doc[key] for key in ("name", "sha256", "pages", "tokens")} for doc in manifest["documents"]]
+        documents = [
+            {**{key: doc[key] for key in ("name", "sha256", "pages", "tokens")}, "pages_used": used}
+            for doc, used in zip(manifest["documents"], manifest_pages_used(manifest), strict=True)
+        ]
         method = manifest["method"]
         label = selection.budget_label if selection else method["parameters"].get("budget")
         return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)

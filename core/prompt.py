@@ -60,6 +60,7 @@ class Context:
     ids: list[int]  # the prompt up to and including the separator: what a cache holds
     page_token_spans: list[list[tuple[int, int]]]  # per document, per page: [start, end) into ids
     dropped_tokens: int = 0  # removed from the middle of the documents by --truncate middle
+    dropped_estimated: bool = False  # part of them was skipped unread by the tokenizer: counted from its size
 
     @property
     def tokens_per_document(self) -> list[int]:
@@ -77,7 +78,13 @@ def encode_context(tokenizer, template: PromptTemplate, documents: list[Document
     token_spans = [
         [(bisect_left(starts, prefix + a), bisect_left(starts, prefix + b)) for a, b in pages] for pages in char_spans
     ]
-    return Context(list(encoded["input_ids"]), token_spans)
+    skipped = sum(doc.skipped_tokens for doc in documents)
+    return Context(list(encoded["input_ids"]), token_spans, skipped, dropped_estimated=skipped > 0)
+
+
+def check_truncate(truncate: str | None) -> None:
+    if truncate is not None and truncate not in TRUNCATE_MODES:
+        raise InputError(f"unknown --truncate mode '{truncate}' (choose from {', '.join(TRUNCATE_MODES)})")
 
 
 def valid_text(text: str) -> str:
@@ -99,8 +106,7 @@ def fit_context(context: Context, room: int, window: int, extra: int, truncate: 
 
     `extra` (question + answer tokens) and `window` only shape the error message.
     """
-    if truncate is not None and truncate not in TRUNCATE_MODES:
-        raise InputError(f"unknown --truncate mode '{truncate}' (choose from {', '.join(TRUNCATE_MODES)})")
+    check_truncate(truncate)
     overflow = len(context.ids) - room
     if overflow <= 0:
         return context
@@ -125,4 +131,4 @@ def fit_context(context: Context, room: int, window: int, extra: int, truncate: 
 
     ids = context.ids[:cut_start] + context.ids[cut_end:]
     spans = [[(moved(a), moved(b)) for a, b in pages] for pages in context.page_token_spans]
-    return Context(ids, spans, context.dropped_tokens + overflow)
+    return Context(ids, spans, context.dropped_tokens + overflow, context.dropped_estimated)

@@ -22,6 +22,7 @@ class RunStats:
     kv_bytes_kept: int = 0
     kept_tokens_per_layer: list[int] = field(default_factory=list)
     layer_tokens: list[int] = field(default_factory=list)  # tokens each prefill layer ran on (TSP shrinks it)
+    dropped_tokens_estimated: bool = False  # part of the dropped text was skipped unread: counted from its size
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -121,12 +121,14 @@ def load_engine(model, device, dtype, quiet: bool):
         return Engine.load(model, device, dtype, progress)
 
 
-def read_inputs(paths: list[str], quiet: bool):
+def read_inputs(paths: list[str], quiet: bool, limit):
+    """Read the documents as far as the model's window can use them (`limit`, from the loaded engine)."""
     from core.documents import read_documents
 
     start = time.perf_counter()
     with progress_reporter(quiet) as progress:
-        documents = read_documents(paths, on_page=lambda done, total: progress("reading PDF pages", done, total))
+        on_page = lambda done, total: progress("reading PDF pages", done, total)  # noqa: E731
+        documents = read_documents(paths, on_page=on_page, limit=limit)
     return documents, time.perf_counter() - start
 
 
@@ -182,8 +184,8 @@ def ask(
         method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window,
         filter_layer=filter_layer,
     )  # fmt: skip
-    docs, read_s = read_inputs(documents, quiet)
     engine = load_engine(model, device, dtype, quiet)
+    docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, max_new_tokens, truncate))
     with progress_reporter(quiet) as progress:
         on_text = (lambda text: None) if json else stream_to_stdout
         answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress, ignore_memory=force)
@@ -243,8 +245,8 @@ def cache_build(
     steering = read_questions(questions) if questions else []
     if query_aware:
         check_query_aware(selection, final_budget, steering)
-    docs, read_s = read_inputs(documents, quiet)
     engine = load_engine(model, device, dtype, quiet)
+    docs, read_s = read_inputs(documents, quiet, engine.build_limit(truncate))
     with progress_reporter(quiet) as progress:
         saved = engine.build(
             docs, selection, final_budget, steering, truncate, progress=progress, cache_dtype=cache_dtype,

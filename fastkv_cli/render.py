@@ -51,6 +51,12 @@ def seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
 
+def dropped(tokens: int, estimated: bool) -> str:
+    if not tokens:
+        return ""
+    return f" (about {tokens:,} dropped)" if estimated else f" ({tokens:,} dropped)"
+
+
 def stats_table(answer) -> Table:
     s = answer.stats
     table = Table(title=escape(f"{answer.model} · {answer.method}"), show_header=False, title_justify="left")
@@ -67,7 +73,7 @@ def stats_table(answer) -> Table:
             "decode",
             "—" if s.decode_tokens_per_s is None else f"{s.decode_tokens_per_s:.1f} tok/s ({s.new_tokens} tokens)",
         ),
-        ("context tokens", f"{s.context_tokens:,}" + (f" ({s.dropped_tokens:,} dropped)" if s.dropped_tokens else "")),
+        ("context tokens", f"{s.context_tokens:,}" + dropped(s.dropped_tokens, s.dropped_tokens_estimated)),
     ]
     if s.kept_tokens_per_layer:
         kept = s.kept_tokens_per_layer

@@ -1,7 +1,7 @@
 """The stable `--json` answer schema of DESIGN.md §6, as the CLI tests check it (fields may be added)."""
 
 SCHEMA = {"question", "answer", "model", "method", "budget", "documents", "stats"}
-DOCUMENT_KEYS = {"name", "sha256", "pages", "tokens"}
+DOCUMENT_KEYS = {"name", "sha256", "pages", "tokens", "pages_used"}
 STATS_KEYS = {
     "load_s",
     "read_s",

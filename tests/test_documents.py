@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import core.documents
 from core.documents import Document, read_document, read_documents
 from core.errors import DocumentError, InputError
 from tests.pdfs import make_blank_pdf, make_encrypted_pdf, make_text_pdf
@@ -213,10 +214,10 @@ def test_directory(tmp_path):
 def test_permission_denied_is_reported(tmp_path, monkeypatch):
     path = write(tmp_path, "locked.txt", b"text")
 
-    def deny(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def deny(file, mode="r"):
+        raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(core.documents, "open", deny, raising=False)  # shadows the builtin there only
     with pytest.raises(DocumentError, match=rf"^{re.escape(path)}: permission denied$"):
         read_document(path)
 

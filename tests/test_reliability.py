@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import core.atomic
+import core.documents
 import core.engine
 import core.models
 import core.store
@@ -511,10 +512,10 @@ def test_a_full_disk_while_saving_exits_1_and_leaves_no_temp_file(doc, tmp_path,
 
 
 def test_an_unreadable_document_exits_2(doc, monkeypatch, tiny_model_folder):
-    def denied(self):  # root reads any file: simulate what EACCES does for other users
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(file, mode="r"):  # root reads any file: simulate what EACCES does for other users
+        raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(core.documents, "open", denied, raising=False)  # shadows the builtin there only
 
     assert_one_line_error(
         fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path), f"{doc}: permission denied", code=2
