@@ -183,8 +183,14 @@ def print_answers(events: Iterable[dict], json_output: bool, quiet: bool) -> Non
                 show(answer_view(event["answer"]), json_output, quiet)
 
 
-def options_body(options: dict) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
+def options_body(options: dict, model_from_env: bool = True) -> dict:
+    """The command's options as JSON. The model, as in-process, defaults to $FASTKV_MODEL (except for
+    `cache query`, whose default is the file's); a path is made absolute for the server to compare."""
+    body = {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
+    model = body.get("model") or (os.environ.get("FASTKV_MODEL") if model_from_env else None) or None
+    if "model" in body:
+        body["model"] = os.path.abspath(model) if model and os.path.exists(model) else model
+    return body
 
 
 def ask(client: Client, documents: list[str], question: str, json: bool, quiet: bool, **options) -> None:
@@ -221,7 +227,7 @@ def cache_query(
 ) -> None:
     """One request per question, so questions from stdin are answered as they arrive; the server keeps
     the cache loaded between them."""
-    body = {"cache": os.path.abspath(cache_file), **options_body(options)}
+    body = {"cache": os.path.abspath(cache_file), **options_body(options, model_from_env=False)}
     for question in questions or stdin_questions():
         print_answers(client.events("/cache/query", {**body, "questions": [question]}), json, quiet)
 

@@ -435,3 +435,13 @@ def test_cache_lru_evicts_the_least_recently_used_within_its_budget(tmp_path, mo
     files["a"].write_text("41")  # rewritten: another size, so it is loaded again
     lru.get(files["a"], engine=None)
     assert loads[-1] == "a" and lru.summary()["bytes"] == 81
+
+
+def test_a_request_for_another_model_device_or_dtype_is_refused(server, model, allowed, monkeypatch, token_env):
+    monkeypatch.chdir(model.parent)
+    args = ["ask", allowed / "doc.txt", QUESTION, "--max-new-tokens", 2, "--server", server.url]
+    assert fastkv(*args, "--model", model.name).exit_code == 0  # the server's model, as a relative path here
+    assert_one_line_error(fastkv(*args, "--device", "cuda"), "this server runs on --device cpu", code=2)
+    assert_one_line_error(fastkv(*args, "--dtype", "bfloat16"), "--dtype float32", code=2)
+    monkeypatch.setenv("FASTKV_MODEL", str(allowed))  # as in-process, the default model is $FASTKV_MODEL's
+    assert_one_line_error(fastkv(*args), "this server runs", code=2)
