@@ -26,8 +26,8 @@ TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 QUESTION = "When was the lighthouse automated?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThomas Arkwright Bell designed the tower.\n"
-WINDOW = 4096  # room for a long answer: the queue and disconnect tests need one still running
-LONG = 3500  # tokens of an answer that is still being generated when the test acts on it
+WINDOW = 32768  # room for an answer long enough to be still running whatever the machine's load
+LONG = 30000  # tokens of an answer that is still being generated when the test acts on it (it is cancelled)
 MAX_NEW = 6
 DEADLINE_S = 180  # how long a test waits for something that should happen (not a timing assertion)
 TIMING_KEYS = {"load_s", "read_s", "tokenize_s", "cache_load_s", "prefill_s", "ttft_s", "decode_tokens_per_s"}
@@ -316,7 +316,8 @@ def test_a_request_beyond_the_queue_gets_503(http, server):
     waiting: dict = {}
     with http.stream("POST", "/ask", json=ask_body(max_new_tokens=LONG)) as running:
         assert running.status_code == 200
-        next(line for line in running.iter_lines() if '"text"' in line)  # it is generating
+        lines = running.iter_lines()  # held: a dropped line iterator would close the stream
+        next(line for line in lines if '"text"' in line)  # it is generating
         worker = threading.Thread(target=lambda: waiting.update(response=http.post("/ask", json=ask_body())))
         worker.start()
         wait_for(lambda: counts(http)["waiting"] == 1, "the second request to wait")
@@ -331,7 +332,9 @@ def test_a_request_beyond_the_queue_gets_503(http, server):
 def test_a_client_that_leaves_stops_its_generation(http):
     before = counts(http)
     with http.stream("POST", "/ask", json=ask_body(max_new_tokens=LONG)) as response:
-        next(line for line in response.iter_lines() if '"text"' in line)
+        lines = response.iter_lines()
+        next(line for line in lines if '"text"' in line)
+        assert counts(http)["running"]  # still generating when the client leaves
     after = wait_for(
         lambda: (c := counts(http))["cancelled"] > before["cancelled"] and not c["running"] and c, "the cancel"
     )
