@@ -376,7 +376,7 @@ def serve(
     quiet: options.Quiet = False,
 ) -> None:
     """Keep one model loaded and answer over HTTP: ask, cache build/query/info, OpenAI chat completions."""
-    from fastkv_cli.serve import LOCAL_HOSTS, Settings, serve_forever
+    from fastkv_cli.serve import LOCAL_HOSTS, Settings, listening_socket, serve_forever
 
     settings = Settings.of(allow_dir or [Path.cwd()], token, queue, cache_memory_mb, max_upload_mb)
     if host not in LOCAL_HOSTS:
@@ -385,6 +385,7 @@ def serve(
             + ("" if settings.token else "; set --token (or FASTKV_TOKEN) so that only your clients can use it"),
             highlight=False,
         )
+    sock = listening_socket(host, port)  # a port in use fails now, not after the model loads
     engine = load_engine(model, device, dtype, quiet)
     loaded = engine.loaded
 
@@ -398,7 +399,7 @@ def serve(
         )
 
     try:
-        serve_forever(engine, settings, host, port, announce)
+        serve_forever(engine, settings, sock, announce)
     except (KeyboardInterrupt, Terminated):  # before the server took over the signals: still a clean stop
         pass
     stderr.print("fastkv serve: stopped", highlight=False)

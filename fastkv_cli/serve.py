@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from core import __version__
 from core.engine import Engine, check_query_aware
-from core.errors import InputError
+from core.errors import FastKVError, InputError
 from core.generation import Decoding, Sampling
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.store import check_cache_dtype, check_target, describe_cache, save_cache
@@ -445,13 +446,24 @@ class Server(uvicorn.Server):
             self.announce(f"http://{f'[{host}]' if ':' in host else host}:{port}")
 
 
-def serve_forever(engine: Engine, settings: Settings, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Serve until Ctrl-C or SIGTERM; returns once the model worker has stopped."""
-    service = Service(engine, settings)
-    config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_level="warning", access_log=False, lifespan="off"
-    )
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound here rather than in uvicorn, so that a port in use is one line and exit 1, not uvicorn's log."""
     try:
-        Server(config, service.worker, announce).run()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        raise FastKVError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    return sock
+
+
+def serve_forever(engine: Engine, settings: Settings, sock: socket.socket, announce: Callable[[str], None]) -> None:
+    """Serve on `sock` until Ctrl-C or SIGTERM; returns once the model worker has stopped."""
+    service = Service(engine, settings)
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off")
+    try:
+        Server(config, service.worker, announce).run(sockets=[sock])
     finally:
         service.worker.close()
+        sock.close()

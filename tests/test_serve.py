@@ -448,3 +448,14 @@ def test_a_request_for_another_model_device_or_dtype_is_refused(server, model, a
     assert_one_line_error(fastkv(*args, "--dtype", "bfloat16"), "--dtype float32", code=2)
     monkeypatch.setenv("FASTKV_MODEL", str(allowed))  # as in-process, the default model is $FASTKV_MODEL's
     assert_one_line_error(fastkv(*args), "this server runs", code=2)
+
+
+def test_a_port_in_use_or_a_missing_allow_dir_is_one_line_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = fastkv("serve", "--port", port, "--model", tmp_path / "no-model")  # refused before the load
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use", code=1)
+    result = fastkv("serve", "--port", 0, "--allow-dir", tmp_path / "missing")
+    assert_one_line_error(result, "--allow-dir", "not a directory", code=2)
