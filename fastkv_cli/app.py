@@ -1,6 +1,7 @@
 """The Typer app: `fastkv ask` and `fastkv cache build|query|info`; each parses, calls core, renders."""
 
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -11,9 +12,10 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from core.errors import FastKVError, InputError
+from core.errors import FastKVError
 from fastkv_cli import options
-from fastkv_cli.render import cache_info_view, print_json, progress_reporter, stats_table, stderr, stdout
+from fastkv_cli.inputs import read_questions, stdin_questions
+from fastkv_cli.render import cache_info_view, print_json, progress_reporter, show, stderr, stdout, stream_to_stdout
 
 app = typer.Typer(
     help="Question answering over long documents with a compressed (FastKV) prefill.",
@@ -88,6 +90,30 @@ def one_line_errors(command):
     return wrapper
 
 
+def through_server(name: str):
+    """Give a command --server: when a server is chosen (--server URL, else $FASTKV_SERVER; `auto`: one
+    that answers), the command runs through it with fastkv_cli.client.NAME (no torch imported here);
+    otherwise it runs in this process as before."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, server: str | None = None, **arguments):
+            choice = server if server is not None else os.environ.get("FASTKV_SERVER")
+            if choice:
+                from fastkv_cli import client
+
+                if (remote := client.connect(choice)) is not None:
+                    return getattr(client, name)(remote, *args, **arguments)
+            return command(*args, **arguments)
+
+        signature = inspect.signature(command)
+        extra = inspect.Parameter("server", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=options.Server)
+        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+        return wrapper
+
+    return decorate
+
+
 def silence_output() -> None:
     """Point stdout and stderr at /dev/null, so that flushing them at exit raises no second
     BrokenPipeError ("Exception ignored ... BrokenPipeError") and sets no exit status 120."""
@@ -106,11 +132,6 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-
-
-def stream_to_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 def load_engine(model, device, dtype, quiet: bool):
@@ -138,17 +159,9 @@ def decoding_options(max_new_tokens: int, temperature: float, top_p: float, seed
     return Decoding(max_new_tokens, Sampling(temperature, top_p, seed))
 
 
-def show(answer, json: bool, quiet: bool) -> None:
-    if json:
-        print_json(answer.to_dict())
-    elif not answer.text.endswith("\n"):
-        stream_to_stdout("\n")
-    if not quiet:
-        stderr.print(stats_table(answer))
-
-
 @app.command()
 @one_line_errors
+@through_server("ask")
 def ask(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
@@ -195,6 +208,7 @@ def ask(
 
 @cache_app.command("build")
 @one_line_errors
+@through_server("cache_build")
 def cache_build(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .fkv file to write.", show_default=False)],
@@ -269,19 +283,9 @@ def cache_build(
         stderr.print(f"wrote {output} ({size / (1 << 20):.1f} MiB)", highlight=False)
 
 
-def read_questions(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read the questions file ({error})") from None
-    questions = [line.strip() for line in lines if line.strip()]
-    if not questions:
-        raise InputError(f"{path}: no questions in the file")
-    return questions
-
-
 @cache_app.command("query")
 @one_line_errors
+@through_server("cache_query")
 def cache_query(
     cache_file: Annotated[Path, typer.Argument(help="A .fkv file from `fastkv cache build`.", show_default=False)],
     questions: Annotated[
@@ -325,25 +329,9 @@ def cache_query(
         show(engine.query(saved, question, reselect, decoding, on_text), json, quiet)
 
 
-def stdin_questions():
-    """One question per non-empty line of stdin, until EOF (a closed stdin has none)."""
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:
-        return
-    number = 0
-    try:
-        for line in stream:
-            number += 1
-            if question := line.decode("utf-8").strip():
-                yield question
-    except UnicodeDecodeError:
-        raise InputError(f"<stdin>: line {number} is not UTF-8 text") from None
-    except OSError as error:
-        raise InputError(f"<stdin>: cannot read questions ({error.strerror or error})") from None
-
-
 @cache_app.command("info")
 @one_line_errors
+@through_server("cache_info")
 def cache_info(
     cache_file: Annotated[Path, typer.Argument(help="A .fkv file.", show_default=False)],
     json: options.Json = False,
@@ -356,3 +344,64 @@ def cache_info(
         print_json(info)
     else:
         stdout.print(cache_info_view(info))
+
+
+@app.command()
+@one_line_errors
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but localhost is reachable by others.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8765,
+    model: options.Model = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    allow_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A directory whose documents and caches clients may name (repeatable) [default: the current one]."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FASTKV_TOKEN", help="Require `Authorization: Bearer TOKEN` on every request [$FASTKV_TOKEN]."
+        ),
+    ] = None,
+    queue: Annotated[int, typer.Option(min=0, help="Requests that may wait while one runs; more get HTTP 503.")] = 4,
+    cache_memory_mb: Annotated[
+        int, typer.Option(min=0, help="Memory for loaded .fkv caches, least recently used evicted first (MiB).")
+    ] = 2048,
+    max_upload_mb: Annotated[
+        int, typer.Option(min=1, help="Largest request body, uploaded documents included (MiB).")
+    ] = 32,
+    quiet: options.Quiet = False,
+) -> None:
+    """Keep one model loaded and answer over HTTP: ask, cache build/query/info, OpenAI chat completions."""
+    from fastkv_cli.serve import LOCAL_HOSTS, Settings, listening_socket, serve_forever
+
+    settings = Settings.of(allow_dir or [Path.cwd()], token, queue, cache_memory_mb, max_upload_mb)
+    if host not in LOCAL_HOSTS:
+        stderr.print(
+            f"[yellow]warning:[/yellow] listening on {escape(host)}: other machines can reach this server"
+            + ("" if settings.token else "; set --token (or FASTKV_TOKEN) so that only your clients can use it"),
+            highlight=False,
+        )
+    sock = listening_socket(host, port)  # a port in use fails now, not after the model loads
+    engine = load_engine(model, device, dtype, quiet)
+    loaded = engine.loaded
+
+    def announce(url: str) -> None:
+        dirs = ", ".join(str(path) for path in settings.allow_dirs)
+        stderr.print(
+            f"fastkv serve: listening on {url} · {escape(loaded.name)} on {loaded.device.type} · "
+            f"paths under {escape(dirs)}" + (" · token required" if settings.token else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    try:
+        serve_forever(engine, settings, sock, announce)
+    except (KeyboardInterrupt, Terminated):  # before the server took over the signals: still a clean stop
+        pass
+    stderr.print("fastkv serve: stopped", highlight=False)

@@ -52,3 +52,12 @@ IgnoreMemory = Annotated[
     bool,
     typer.Option("--ignore-memory", help="Prefill even when the memory estimate exceeds what the device has free."),
 ]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="Answer through a running `fastkv serve` at this URL; `auto`: if one answers, else here; "
+        "`off`: here [default: $FASTKV_SERVER].",
+        show_default=False,
+    ),
+]

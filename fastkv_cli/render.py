@@ -163,3 +163,18 @@ def cache_info_view(info: dict) -> Group:
         for page, ((start, end), share) in enumerate(zip(document["page_token_spans"], coverage, strict=True), 1):
             pages.add_row(escape(document["name"]), str(page), f"{end - start:,}", f"{share:.0%}", page_bar(share))
     return Group(summary, pages)
+
+
+def stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def show(answer, json: bool, quiet: bool) -> None:
+    """After a streamed answer: its JSON line (--json), else the line end; then the stats table on stderr."""
+    if json:
+        print_json(answer.to_dict())
+    elif not answer.text.endswith("\n"):
+        stream_to_stdout("\n")
+    if not quiet:
+        stderr.print(stats_table(answer))

@@ -20,10 +20,10 @@ torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead, badly
 
 @pytest.fixture(autouse=True)
 def plain_environment(monkeypatch):
-    """No test sees the developer's FASTKV_DEBUG (errors must be one line, not a traceback) or
-    FASTKV_MODEL; subprocesses inherit the cleaned environment."""
-    monkeypatch.delenv("FASTKV_DEBUG", raising=False)
-    monkeypatch.delenv("FASTKV_MODEL", raising=False)
+    """No test sees the developer's FASTKV_DEBUG (errors must be one line, not a traceback),
+    FASTKV_MODEL, FASTKV_SERVER or FASTKV_TOKEN; subprocesses inherit the cleaned environment."""
+    for name in ("FASTKV_DEBUG", "FASTKV_MODEL", "FASTKV_SERVER", "FASTKV_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")
