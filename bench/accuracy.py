@@ -180,8 +180,9 @@ def run_ask(
     ids = ask_ids(engine, item, settings.decoding)
     recording_for = shared_recordings(partial(record_prefill, engine.runner, ids))
     outcomes, ref = [], None
+    question = len(question_ids(engine, item.question))
     for variant in (v for v in settings.variants if v.mode == "ask"):
-        method, _ = variant_methods(variant, settings.stored_factor)
+        method = variant_methods(variant, settings.stored_factor)[0].for_question(question)
         prefill, seconds = replay(engine.runner, recording_for(method), method)
         text = decode(engine, prefill.cache.clone(), prefill.logits, settings.decoding)
         ref = ref or Reference(text, prefill.logits)
@@ -207,6 +208,7 @@ def run_saved(
             manifest = {**paused.manifest, "method": {"name": method.name, "parameters": method.parameters()}}
             saved = SavedContext(paused.cache, manifest, paused.stats)
         else:
+            method = method.for_question(None)  # as engine.build resolves a question-blind build
             saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
         for item, ref in zip(items, refs, strict=True):
             text, logits = query(engine, saved, item.question, settings.decoding)

@@ -93,6 +93,7 @@ class Result:
     item: str  # group and question
     task: str
     tokens: int  # the prompt
+    length: int | None  # passkey: the prompt length it was made for
     answer: str
     correct: bool
     same: bool  # the greedy answer equals fullkv's
@@ -121,6 +122,7 @@ def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decod
                 f"{item.group}: {item.question}",
                 item.task,
                 len(ids),
+                item.length,
                 answer,
                 score(item.task, answer, item.answers).correct,
                 answer == reference[0],
@@ -227,6 +229,20 @@ def frontier_table(made: list[Point], items: list[Item], half: str, minutes: flo
     return table
 
 
+def passkey_table(results: list[Result], policies: list[Policy]) -> Table | None:
+    """Passkeys found per prompt length: a policy must find them where fullkv does, at every length."""
+    passkeys = [r for r in results if r.task == "passkey"]
+    if not passkeys:
+        return None
+    lengths = sorted({r.length for r in passkeys})
+    table = Table(title="Passkeys found per prompt length", headers=["policy", *map(str, lengths)], text_columns=1)
+    for policy in policies:
+        found = [[r.correct for r in passkeys if r.policy == policy.name and r.length == n] for n in lengths]
+        if any(found):
+            table.rows.append([policy.name, *(f"{sum(f)}/{len(f)}" if f else "—" for f in found)])
+    return table
+
+
 def plot(made: list[Point], title: str, path: Path) -> None:
     """Speed-up against each quality measure; the frontier joined, every policy labelled."""
     metrics = [("same", "same answer as fullkv %"), ("docqa", "docqa accuracy %"), ("passkey", "passkey accuracy %")]
@@ -283,8 +299,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
         results = run(engine, items, policies, decoding)
     minutes = (time.perf_counter() - start) / 60
     made = points(results, policies)
-    table = frontier_table(made, items, args.half, minutes)
-    table.print()
+    tables = [frontier_table(made, items, args.half, minutes), passkey_table(results, policies)]
+    tables = [table for table in tables if table is not None]
+    for table in tables:
+        table.print()
     if not args.no_write:
         name = f"sweep-{args.half}" + (f"-{args.tag}" if args.tag else "")
         report = Report.of(

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as top-level modules
 
 import accuracy  # noqa: E402
+import sweep  # noqa: E402
 from common import Report  # noqa: E402
 from tasks import Item, docqa, passkey, text_document  # noqa: E402
 from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings  # noqa: E402
@@ -206,6 +207,39 @@ def test_ask_answers_equal_engine_ask_for_every_method_and_budget(tiny_engine, t
         asked = tiny_engine.ask([tiny_items[0].document], tiny_items[0].question, method, settings.decoding)
         assert o.answer == asked.text, o.variant
     assert outcomes[0].same and outcomes[0].kl == 0.0 and ref.text == outcomes[0].answer
+
+
+SWEPT = ["fullkv", "old default (10%, window 8)", "20%", "20%,2048", "20%, TSP at 2/3 depth", "snapkv 40%"]
+
+
+def test_sweep_answers_equal_engine_ask_for_every_policy(tiny_engine, tiny_items):
+    """The sweep's replays (shared recordings, question windows, floors) answer exactly as `ask` would."""
+    item, decoding = tiny_items[0], Decoding(max_new_tokens=6)
+    policies = [sweep.BY_NAME[name] for name in SWEPT]
+
+    results = sweep.run_item(tiny_engine, item, policies, decoding)
+
+    question = len(accuracy.question_ids(tiny_engine, item.question))
+    assert [r.policy for r in results] == SWEPT
+    for policy, result in zip(policies, results, strict=True):
+        method = policy.make(tiny_engine.runner.num_layers, question)
+        asked = tiny_engine.ask([item.document], item.question, method, decoding)
+        assert result.answer == asked.text, policy.name
+        assert result.kv_share == asked.stats.kv_bytes_kept / asked.stats.kv_bytes_full, policy.name
+    assert results[0].same and results[0].kl == 0.0 and results[0].speedup == 1.0
+    assert results[3].kv_share == 1.0  # a 2048-token floor does not compress a short prompt at all
+
+
+def test_the_halves_are_fixed_and_each_spans_every_document_and_length(tiny_tokenizer):
+    template = PromptTemplate("", "\n", "Question: ", "\nAnswer:")
+    keys = passkey.items(tiny_tokenizer, template, [512, 1024])
+    questions = docqa.items()
+    for half in ("tuning", "held-out"):
+        assert {i.length for i in keys if i.half == half} == {512, 1024}
+        assert {i.group for i in questions if i.half == half} == {i.group for i in questions}
+    assert abs(sum(i.half == "tuning" for i in questions) - len(questions) / 2) <= 3
+    again = docqa.items()
+    assert [i.half for i in again] == [i.half for i in questions]
 
 
 def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
