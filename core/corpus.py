@@ -32,7 +32,7 @@ class Item:
     index: int  # its place in the command line: results are reported under it
     name: str  # the path as given (a document's name is part of its prompt) or "-"
     data: bytes | None = None  # the bytes, read by the driver for a remote worker; None: read `name` where it runs
-    target: str | None = None  # build: the .fkv file to write
+    target: str | None = None  # build: the .fkv file to write; query: the cache's absolute path (for a worker)
     attempt: int = 0  # how many workers died running it
 
 
@@ -152,7 +152,7 @@ class QueryTask:
         from core.stats import RunStats
         from core.store import load_cache, read_manifest
 
-        path = Path(item.name)
+        path = Path(item.target or item.name)
         engine.check_compatible(read_manifest(path), str(path))
         start = time.perf_counter()
         cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
@@ -231,9 +231,9 @@ def cache_files(paths: list[str]) -> list[str]:
     return files
 
 
-def remove_partial(item: Item) -> None:
+def remove_partial(task: Task, item: Item) -> None:
     """What an interrupted write of the item's cache left (a temp file beside its target)."""
-    if item.target is not None:
+    if isinstance(task, BuildTask) and item.target is not None:
         for path in temp_files(Path(item.target)):
             path.unlink(missing_ok=True)
 
@@ -333,7 +333,7 @@ def run_ray(
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayActorError as error:
-                remove_partial(item)
+                remove_partial(task, item)
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = remote.remote(*engine_spec)
                 if item.attempt + 1 < WORKER_ATTEMPTS:
@@ -346,7 +346,7 @@ def run_ray(
     finally:
         for slot, item in pending.values():
             ray.kill(actors[slot], no_restart=True)
-            remove_partial(item)
+            remove_partial(task, item)
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if started_here:

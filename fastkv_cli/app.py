@@ -332,7 +332,8 @@ def cache_build(
         task = BuildTask(
             selection, final_budget, tuple(steering), truncate, cache_dtype, ignore_memory, query_aware, force
         )
-        items = document_items(documents, cache_targets(documents, output_directory(output)))
+        directory = output_directory(output)  # workers elsewhere (Ray) need its absolute path
+        items = document_items(documents, cache_targets(documents, directory.resolve() if ray else directory))
         renderer = Renderer(len(items), json, quiet, "caches to build", streams=False)
         loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
         raise typer.Exit(run(corpus, task, items, loader, renderer, build_records))
@@ -465,7 +466,7 @@ def cache_ask(
     task = QueryTask(asked, None if budget is None else Budget.parse(budget), decoding)
     model = model or first_model(files, read_manifest)
     corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
-    items = [Item(i, path) for i, path in enumerate(files)]
+    items = [Item(i, path, target=os.path.abspath(path)) for i, path in enumerate(files)]
     renderer = Renderer(len(items), json, quiet, "caches", streams=True)
     loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
     raise typer.Exit(run(corpus, task, items, loader, renderer, query_records(asked)))
