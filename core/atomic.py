@@ -4,6 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
+
 
 def write_bytes_atomic(path: Path, data: bytes, overwrite: bool = True) -> None:
     """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`.
@@ -13,7 +15,7 @@ def write_bytes_atomic(path: Path, data: bytes, overwrite: bool = True) -> None:
     the last rename wins; without it, the first one wins and the others raise FileExistsError.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write_all(f, data)
@@ -46,3 +48,13 @@ def write_all(f, data: bytes, chunk: int = 1 << 24) -> None:
     view = memoryview(data)
     for start in range(0, len(view), chunk):
         f.write(view[start : start + chunk])
+
+
+def temp_files(path: Path) -> list[Path]:
+    """The temp files that writes of `path` left behind: only a killed process (SIGKILL, power loss)
+    leaves one; whoever retries its work removes them."""
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_SUFFIX}"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -143,6 +144,14 @@ def read_document(
     (limit.truncate) skips its middle; a stream read to its end stops at MAX_STREAM_BYTES.
     """
     return _read(path, stdin, on_page, limit, used=0)[0]
+
+
+def read_document_data(
+    name: str, data: bytes, on_page: PageCallback | None = None, limit: TokenLimit | None = None
+) -> Document:
+    """A document whose bytes were read elsewhere (on another machine), read as `read_document(name)`
+    would read the file: the same text, pages and sha256."""
+    return _read_source(name, _Source(name, io.BytesIO(data)), on_page, limit, used=0)[0]
 
 
 def read_documents(

@@ -12,8 +12,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from core.errors import FastKVError
+from core.errors import FastKVError, InputError
 from fastkv_cli import options
+from fastkv_cli.help import PlainCommand
 from fastkv_cli.inputs import read_questions, stdin_questions
 from fastkv_cli.render import cache_info_view, print_json, progress_reporter, show, stderr, stdout, stream_to_stdout
 
@@ -22,9 +23,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: usage with plain metavars, no type column (tests/test_help.py)
 )
 cache_app = typer.Typer(
-    help="Prefill documents once into a .fkv file, then answer questions from it.", no_args_is_help=True
+    help="Prefill documents once into a .fkv file, then answer questions from it.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(cache_app, name="cache")
 
@@ -71,6 +75,8 @@ def one_line_errors(command):
         except Terminated:
             stderr.print("terminated", highlight=False)
             raise typer.Exit(143) from None
+        except typer.Exit:  # a command's own exit status (a corpus run with failures: 1)
+            raise
         except BrokenPipeError:  # `fastkv ... | head`: the reader left; nothing more to say
             silence_output()
             raise typer.Exit(0) from None
@@ -103,7 +109,7 @@ def through_server(name: str):
                 from fastkv_cli import client
 
                 if (remote := client.connect(choice)) is not None:
-                    return getattr(client, name)(remote, *args, **arguments)
+                    return getattr(client, name)(remote, *args, **remote_arguments(arguments))
             return command(*args, **arguments)
 
         signature = inspect.signature(command)
@@ -112,6 +118,19 @@ def through_server(name: str):
         return wrapper
 
     return decorate
+
+
+CORPUS_OPTIONS = {"each": False, "ray": None, "ray_workers": None, "ray_gpus_per_worker": 0.0}
+
+
+def remote_arguments(arguments: dict) -> dict:
+    """A command's arguments for the server path, which runs one request at a time: --each and --ray
+    are refused there (one line), and left out of the request otherwise."""
+    for key, default in CORPUS_OPTIONS.items():
+        if key in arguments and arguments.pop(key) != default:
+            flag = "--" + key.replace("_", "-")
+            raise InputError(f"{flag} does not run through a server yet; pass --server off to run it here")
+    return arguments
 
 
 def silence_output() -> None:
@@ -159,7 +178,7 @@ def decoding_options(max_new_tokens: int, temperature: float, top_p: float, seed
     return Decoding(max_new_tokens, Sampling(temperature, top_p, seed))
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 @one_line_errors
 @through_server("ask")
 def ask(
@@ -188,8 +207,19 @@ def ask(
     ] = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
+    each: options.Each = False,
+    ray: options.Ray = None,
+    ray_workers: options.RayWorkers = None,
+    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
 ) -> None:
-    """Answer QUESTION about DOCUMENTS in one pass (the question steers what the cache keeps)."""
+    """Answer QUESTION about the documents in one pass (the question steers what the cache keeps);
+    with --each, about each document alone.
+
+    \b
+    Examples:
+      fastkv ask report.pdf "What was the revenue in 2023?"
+      fastkv ask contracts/*.pdf "Who signs for the buyer?" --each --json
+    """
     from core.methods import make_method
 
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
@@ -197,6 +227,16 @@ def ask(
         method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window,
         filter_layer=filter_layer,
     )  # fmt: skip
+    if each or ray:
+        from core.corpus import AskTask
+        from fastkv_cli.each import Corpus, Renderer, ask_records, document_items, run
+
+        corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
+        task = AskTask(question, selection, decoding, truncate, ignore_memory=force)
+        items = document_items(documents)
+        renderer = Renderer(len(items), json, quiet, "documents", streams=True)
+        loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+        raise typer.Exit(run(corpus, task, items, loader, renderer, ask_records(question)))
     engine = load_engine(model, device, dtype, quiet)
     docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, max_new_tokens, truncate))
     with progress_reporter(quiet) as progress:
@@ -206,13 +246,24 @@ def ask(
     show(answer, json, quiet)
 
 
-@cache_app.command("build")
+@cache_app.command("build", cls=PlainCommand)
 @one_line_errors
 @through_server("cache_build")
 def cache_build(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .fkv file to write.", show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The .fkv file to write; with --each, the directory for one file per document (on a Ray "
+            "cluster: a path every node sees).",
+            show_default=False,
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite OUTPUT if it exists; with --each, rebuild up-to-date caches.")
+    ] = False,
     method: options.MethodName = "fastkv",
     budget: options.Budget = None,
     query_budget: Annotated[
@@ -244,13 +295,25 @@ def cache_build(
     ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
+    each: options.Each = False,
+    ray: options.Ray = None,
+    ray_workers: options.RayWorkers = None,
+    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
 ) -> None:
-    """Prefill DOCUMENTS once (compressed) and save the cache to OUTPUT for later `cache query`."""
+    """Prefill the documents once (compressed) and save the cache to OUTPUT for later `cache query`;
+    with --each, one cache per document in the directory OUTPUT, skipping those already up to date.
+
+    \b
+    Examples:
+      fastkv cache build report.pdf -o report.fkv
+      fastkv cache build library/*.pdf --each -o caches/
+    """
     from core.engine import check_query_aware
     from core.methods import Budget, make_method
     from core.store import check_cache_dtype, check_target, save_cache
 
-    check_target(output, force)
+    if not (each or ray):
+        check_target(output, force)
     check_cache_dtype(cache_dtype)
     selection = make_method(
         method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window
@@ -259,6 +322,21 @@ def cache_build(
     steering = read_questions(questions) if questions else []
     if query_aware:
         check_query_aware(selection, final_budget, steering)
+    if selection.restarts:
+        raise InputError(f"--method {method} re-prefills with new positions; a saved cache needs original positions")
+    if each or ray:
+        from core.corpus import BuildTask, cache_targets
+        from fastkv_cli.each import Corpus, Renderer, build_records, document_items, output_directory, run
+
+        corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
+        task = BuildTask(
+            selection, final_budget, tuple(steering), truncate, cache_dtype, ignore_memory, query_aware, force
+        )
+        directory = output_directory(output)  # workers elsewhere (Ray) need its absolute path
+        items = document_items(documents, cache_targets(documents, directory.resolve() if ray else directory))
+        renderer = Renderer(len(items), json, quiet, "caches to build", streams=False)
+        loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+        raise typer.Exit(run(corpus, task, items, loader, renderer, build_records))
     engine = load_engine(model, device, dtype, quiet)
     docs, read_s = read_inputs(documents, quiet, engine.build_limit(truncate))
     with progress_reporter(quiet) as progress:
@@ -283,7 +361,7 @@ def cache_build(
         stderr.print(f"wrote {output} ({size / (1 << 20):.1f} MiB)", highlight=False)
 
 
-@cache_app.command("query")
+@cache_app.command("query", cls=PlainCommand)
 @one_line_errors
 @through_server("cache_query")
 def cache_query(
@@ -310,7 +388,12 @@ def cache_query(
     json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Answer each question from the saved cache; the model and the cache load once."""
+    """Answer each question from the saved cache; the model and the cache load once.
+
+    \b
+    Example:
+      fastkv cache query report.fkv "Who audited it?" "When?"
+    """
     from core.engine import SavedContext
     from core.methods import Budget
     from core.stats import RunStats
@@ -329,14 +412,89 @@ def cache_query(
         show(engine.query(saved, question, reselect, decoding, on_text), json, quiet)
 
 
-@cache_app.command("info")
+@cache_app.command("ask", cls=PlainCommand)
+@one_line_errors
+def cache_ask(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help=".fkv files or directories of them, then the question (none with --questions).", show_default=False
+        ),
+    ],
+    questions: Annotated[
+        Path | None, typer.Option(help="A file of questions, one per line, asked of every cache.")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="As for `cache query`: re-select to this budget with each question.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The model the caches were built with [default: the first's].")
+    ] = None,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    max_new_tokens: options.MaxNewTokens = 256,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = None,
+    json: options.Json = False,
+    quiet: options.Quiet = False,
+    ray: options.Ray = None,
+    ray_workers: options.RayWorkers = None,
+    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
+) -> None:
+    """Ask every cache the question (or each question of --questions): one answer per cache and question.
+    `cache query` asks one cache many questions; `cache ask` asks many caches.
+
+    \b
+    Examples:
+      fastkv cache ask caches/ "Who signs for the buyer?" --json
+      fastkv cache ask caches/a.fkv caches/b.fkv --questions checklist.txt --json
+    """
+    from core.corpus import Item, QueryTask, cache_files
+    from core.methods import Budget
+    from core.store import read_manifest
+    from fastkv_cli.each import Corpus, Renderer, query_records, run
+
+    if questions is None:
+        if len(targets) < 2:
+            raise InputError("give the caches and then the question, or --questions FILE")
+        targets, asked = targets[:-1], (targets[-1],)
+    else:
+        asked = tuple(read_questions(questions))
+    files = cache_files(targets)
+    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
+    task = QueryTask(asked, None if budget is None else Budget.parse(budget), decoding)
+    model = model or first_model(files, read_manifest)
+    corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
+    items = [Item(i, path, target=os.path.abspath(path)) for i, path in enumerate(files)]
+    renderer = Renderer(len(items), json, quiet, "caches", streams=True)
+    loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+    raise typer.Exit(run(corpus, task, items, loader, renderer, query_records(asked)))
+
+
+def first_model(files: list[str], read_manifest) -> str | None:
+    """The model the first readable cache names (the others are checked against it as they load)."""
+    for path in files:
+        try:
+            return read_manifest(Path(path))["model"]["spec"]
+        except FastKVError:
+            continue
+    return None
+
+
+@cache_app.command("info", cls=PlainCommand)
 @one_line_errors
 @through_server("cache_info")
 def cache_info(
     cache_file: Annotated[Path, typer.Argument(help="A .fkv file.", show_default=False)],
     json: options.Json = False,
 ) -> None:
-    """Show what a cache holds: model, method, documents, and which pages the kept tokens come from."""
+    """Show what a cache holds: model, method, documents, and which pages the kept tokens come from.
+
+    \b
+    Example:
+      fastkv cache info report.fkv
+    """
     from core.store import describe_cache
 
     info = describe_cache(cache_file)
@@ -346,7 +504,7 @@ def cache_info(
         stdout.print(cache_info_view(info))
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 @one_line_errors
 def serve(
     host: Annotated[
@@ -377,7 +535,12 @@ def serve(
     ] = 32,
     quiet: options.Quiet = False,
 ) -> None:
-    """Keep one model loaded and answer over HTTP: ask, cache build/query/info, OpenAI chat completions."""
+    """Keep one model loaded and answer over HTTP: ask, cache build/query/info, OpenAI chat completions.
+
+    \b
+    Example:
+      fastkv serve --port 8765   # then: fastkv ask DOC QUESTION --server auto
+    """
     from fastkv_cli.serve import LOCAL_HOSTS, Settings, listening_socket, serve_forever
 
     settings = Settings.of(allow_dir or [Path.cwd()], token, queue, cache_memory_mb, max_upload_mb)

@@ -61,3 +61,17 @@ Server = Annotated[
         show_default=False,
     ),
 ]
+Each = Annotated[bool, typer.Option("--each", help="One run per document, the model loaded once.")]
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Run the documents (or caches) on Ray workers (implies --each): alone, on a local runtime; with "
+        "ADDRESS (auto, ray://host:10001, host:6379), on that cluster.",
+        show_default=False,
+    ),
+]
+RayWorkers = Annotated[
+    int | None, typer.Option(min=1, help="Ray workers, each loading the model once [default: one per CPU or GPU].")
+]
+RayGpusPerWorker = Annotated[float, typer.Option(min=0.0, help="GPUs each Ray worker takes (GPU clusters).")]

@@ -12,7 +12,7 @@ from fastkv_cli.app import app
 
 def fastkv(*args, input: str | None = None):
     """`fastkv ARGS...` in this process (arguments may be paths or numbers)."""
-    return CliRunner().invoke(app, [str(arg) for arg in args], input=input)
+    return CliRunner().invoke(app, [str(arg) for arg in args], input=input, prog_name="fastkv")
 
 
 def assert_one_line_error(result, *needles: str, code: int = 2) -> str:

@@ -1,0 +1,92 @@
+"""`--ray` on one local Ray runtime (two CPUs) for the whole module: the same answers as `--each`, caches
+written by the workers, and a worker killed mid-run whose documents are still answered once each."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from core.corpus import AskTask, Item, RayOptions, run_ray
+from core.generation import Decoding
+from core.methods import make_method
+from core.store import load_cache
+from tests.helpers import fastkv
+from tests.tiny_models import save_tiny_llama
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray runtime and its workers take a while to start on a small machine
+
+QUESTION = "When was the lighthouse automated?"
+MAX_NEW = 4
+DOCS = {f"doc{i}.txt": f"Record {i}: the lighthouse at point {i} was automated in {1950 + 7 * i}.\n" for i in range(6)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("ray-model")
+    save_tiny_llama(folder, tiny_tokenizer, 1024)
+    return folder
+
+
+@pytest.fixture
+def docs(tmp_path, monkeypatch) -> list[str]:
+    monkeypatch.chdir(tmp_path)
+    for name, text in DOCS.items():
+        Path(name).write_text(text)
+    return list(DOCS)
+
+
+def lines(result) -> list[dict]:
+    assert result.exit_code in (0, 1), result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def by_document(records: list[dict]) -> dict[str, str]:
+    return {r["documents"][0]["name"]: r["answer"] for r in records}
+
+
+def test_ray_gives_exactly_the_answers_each_gives(docs, model):
+    args = ["ask", *docs, QUESTION, "--model", model, "--max-new-tokens", MAX_NEW, "--json", "--quiet"]
+    local = lines(fastkv(*args, "--each"))
+    remote = lines(fastkv(*args, "--ray", "--ray-workers", 2))
+    assert len(remote) == len(docs)
+    assert by_document(remote) == by_document(local)
+
+
+def test_ray_workers_write_the_caches_and_cache_ask_reads_them_on_ray(docs, model):
+    result = fastkv("cache", "build", *docs, "-o", "caches", "--ray", "--model", model, "--json", "--quiet")
+    built = lines(result)
+    assert sorted(r["document"] for r in built) == docs
+    assert sorted(os.listdir("caches")) == sorted(name.replace(".txt", ".fkv") for name in docs)
+    for name in os.listdir("caches"):
+        load_cache(Path("caches") / name)
+    args = ["cache", "ask", "caches", QUESTION, "--max-new-tokens", MAX_NEW, "--json", "--quiet"]
+    remote = {r["cache"]: r["answer"] for r in lines(fastkv(*args, "--ray"))}
+    local = {r["cache"]: r["answer"] for r in lines(fastkv(*args))}
+    assert remote == local and len(local) == len(docs)
+
+
+def test_a_worker_killed_mid_run_has_its_document_retried_and_every_answer_comes_once(docs, model):
+    task = AskTask(QUESTION, make_method("fastkv"), Decoding(MAX_NEW))
+    items = [Item(i, name) for i, name in enumerate(docs)]
+    workers, outcomes = [], []
+
+    def kill_another(outcome):
+        outcomes.append(outcome)
+        if len(outcomes) == 1:  # the other worker is busy with its own document: kill it
+            os.kill(next(pid for pid in workers if pid != outcome.worker), signal.SIGKILL)
+
+    run_ray(RayOptions(workers=2), (str(model), None, None), task, items, kill_another, on_workers=workers.extend)
+    assert sorted(o.index for o in outcomes) == list(range(len(docs)))
+    assert not any(o.failed for o in outcomes), [o.error for o in outcomes]
+    local = lines(fastkv("ask", *docs, QUESTION, "--model", model, "--max-new-tokens", MAX_NEW, "--json", "--each"))
+    assert {o.name: o.records[0]["answer"] for o in outcomes} == by_document(local)
