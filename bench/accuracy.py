@@ -28,7 +28,6 @@ Prefill seconds of a replayed method are the recorded prefill's plus that method
 """
 
 import argparse
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import Report, Table, cell, reduced_run, write_section
+from common import Report, Table, cell, reduced_run, tag, write_section
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -451,12 +450,6 @@ def task_items(name: str, engine: Engine, lengths: list[int]) -> list[Item]:
     if name == "passkey":
         return passkey.items(engine.loaded.tokenizer, engine.template, lengths)
     return docqa.items()
-
-
-def tag(text: str) -> str:
-    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", text):
-        raise argparse.ArgumentTypeError(f"'{text}' is not lowercase letters, digits and single dashes")
-    return text
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

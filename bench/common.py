@@ -1,5 +1,6 @@
 """Shared benchmark helpers: real-text prompts, interleaved timing, peak memory, tables, docs/benchmarks.md."""
 
+import argparse
 import ctypes
 import datetime
 import gc
@@ -256,3 +257,9 @@ def write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
     os.replace(f.name, path)
+
+
+def tag(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not lowercase letters, digits and single dashes")
+    return text

@@ -23,6 +23,7 @@ from common import (
     medians,
     prompt_ids,
     reduced_run,
+    tag,
     write_section,
 )
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per method")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tag", type=tag, help="write a focused run (e.g. another budget) to its own section and plot")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
     engine = Engine.load(args.model, args.device)
@@ -189,7 +191,9 @@ def main() -> None:
     verdicts = checks(results[-1])
     print(f"Targets at {results[-1].tokens} tokens:", *verdicts, sep="\n  ")
     if not args.no_write:
-        report = Report.of("speed", "Speed, KV size and memory per method", engine.loaded.spec)
+        suffix = f"-{args.tag}" if args.tag else ""
+        heading = "Speed, KV size and memory per method" + (f" ({args.tag})" if args.tag else "")
+        report = Report.of("speed" + suffix, heading, engine.loaded.spec)
         plot(results, f"Prefill time, {engine.loaded.name}", report.plot)
         body = section_body(table, results[-1].tokens, verdicts, report.plot)
         reduced = reduced_run(

@@ -184,7 +184,7 @@ def estimate_prefill(
         cache=slots * entry + paused * b,
         activations=tokens * held,
         allocator=tokens * max(allocated - held, 0),
-        attention=attention_bytes(s, tokens, b, device, getattr(method, "window", 8)),
+        attention=attention_bytes(s, tokens, b, device, getattr(method, "scoring_window", 8)),
         decoding=growth * entry,
         saving=stored,
     )
@@ -249,7 +249,7 @@ class MemoryGuard:
     def suggestions(self, tokens: int, method: Method, new_tokens: int, saved_dtype, truncating: bool) -> list[str]:
         """What would fit, in the order worth trying, and the override."""
         found = []
-        budget, window = getattr(method, "budget", None), getattr(method, "window", 1)
+        budget, window = getattr(method, "budget", None), getattr(method, "scoring_window", 1)
         if isinstance(budget, Budget) and not method.restarts:
 
             def fits(n: int) -> bool:

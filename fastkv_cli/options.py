@@ -31,19 +31,25 @@ Budget = Annotated[
     str | None,
     typer.Option(
         help="Tokens cached per layer: a share of the context (10%), a count (1024), or a share with a floor "
-        "(25%,2048) [default: 10%]."
+        "(30%,2048: whichever is more) [default: 30%,2048 for fastkv, 10% otherwise]."
     ),
 ]
 TspLayer = Annotated[
     int | None, typer.Option(help="fastkv: the layer after which only selected tokens propagate [default: middle].")
 ]
 TspRate = Annotated[
-    str | None, typer.Option(help="fastkv: tokens propagated past --tsp-layer, share (20%) or count [default: 20%].")
+    str | None,
+    typer.Option(
+        help="fastkv: tokens propagated past --tsp-layer, share (20%) or count [default: 20%; a larger --budget propagates the budget]."
+    ),
 ]
 Pooling = Annotated[str | None, typer.Option(help="fastkv/snapkv: avgpool or maxpool over the window scores.")]
 Window = Annotated[
     str | None,
-    typer.Option(help="fastkv/snapkv: how many last queries score the tokens, or 'question' [default: 8]."),
+    typer.Option(
+        help="fastkv/snapkv: how many last queries score the tokens, or 'question': every token of the question "
+        "and the chat template after it [default: question; 8 for a cache built without one]."
+    ),
 ]
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")

@@ -207,7 +207,7 @@ class ScoredMethod(Method):
     """
 
     budget: Budget = field(default_factory=lambda: Budget(0.1, proportional=True))
-    window: int | None = 8
+    window: int | None = None  # the question's tokens (QUESTION_WINDOW)
 
     def __post_init__(self):
         self.budget = Budget.parse(self.budget)
@@ -216,6 +216,12 @@ class ScoredMethod(Method):
     def resolved(self, context_len: int, num_layers: int) -> dict:
         kept = min(max(self.budget.tokens(context_len), self.window or 0), context_len)
         return {"budget_tokens": kept, "window": self.window}  # window None: each question's tokens
+
+    @property
+    def scoring_window(self) -> int:
+        """The window in tokens: a question window not resolved for a question (a prompt without one, as in
+        the runner's own tests and benchmarks) scores with the prompt's last BLIND_WINDOW tokens."""
+        return BLIND_WINDOW if self.window is None else self.window
 
     def parameters(self) -> dict:
         return {**super().parameters(), "window": QUESTION_WINDOW if self.window is None else self.window}
@@ -232,32 +238,32 @@ class ScoredMethod(Method):
     def steered(self, context_len: int, extra: int) -> "ScoredMethod":
         if not extra:
             return self
-        kept = max(self.budget.tokens(context_len), self.window)
+        kept = max(self.budget.tokens(context_len), self.scoring_window)
         return replace(self, window=extra, budget=Budget(kept + extra, proportional=False))
 
     def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
-        return min(max(self.budget.tokens(context_len), self.window), context_len) * num_layers
+        return min(max(self.budget.tokens(context_len), self.scoring_window), context_len) * num_layers
 
     def kept_count(self, layer: LayerInput) -> int | None:
         """Tokens this layer caches per KV head; None when everything fits the budget."""
-        count = max(self.budget.tokens(layer.context_len), self.window)
+        count = max(self.budget.tokens(layer.context_len), self.scoring_window)
         return count if count < layer.present else None
 
     def propagated_count(self, layer: LayerInput) -> int | None:
         return None
 
     def select(self, layer: LayerInput) -> Selection:
-        if layer.q.shape[1] < self.window:  # fewer queries than the window (an appended question): score with those
+        if layer.q.shape[1] < self.scoring_window:  # fewer queries than the window (an appended question): score with those
             return replace(self, window=layer.q.shape[1]).select(layer)
         kept, propagated = self.kept_count(layer), self.propagated_count(layer)
         if kept is None and propagated is None:
             return Selection()
         scores = self.scores(layer)  # [kv_heads, present - window]
         return Selection(
-            keep=None if kept is None else top_tokens(scores, kept, self.window),
+            keep=None if kept is None else top_tokens(scores, kept, self.scoring_window),
             propagate=None
             if propagated is None
-            else top_tokens(self.propagation_scores(layer, scores), propagated, self.window)[0],
+            else top_tokens(self.propagation_scores(layer, scores), propagated, self.scoring_window)[0],
         )
 
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:

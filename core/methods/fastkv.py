@@ -18,6 +18,9 @@ class FastKV(SnapKV):
     name: ClassVar[str] = "fastkv"
     propagates: ClassVar[bool] = True
     needs_full_prefill: ClassVar[bool] = False
+    # The default policy, chosen on the tuning half of bench/sweep.py (docs/benchmarks.md): a 30% share with a
+    # 2048-token floor, the paper's count, for the cache and, being above tsp_rate, for what TSP propagates.
+    budget: Budget = field(default_factory=lambda: Budget(0.3, proportional=True, floor=2048))
     tsp_layer: int | None = None  # None: the middle layer, num_layers // 2 - 1
     tsp_rate: Budget = field(default_factory=lambda: Budget(0.2, proportional=True))
     # Pooling width of the TSP ranking. Deeper layers see nothing TSP drops, so it pools wider than the
@@ -35,7 +38,7 @@ class FastKV(SnapKV):
     def propagated_tokens(self, context_len: int) -> int:
         """Tokens the layers past tsp_layer run on: tsp_rate, or the budget where that is larger
         (deeper layers can cache only what reaches them)."""
-        return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.window)
+        return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.scoring_window)
 
     def resolved(self, context_len: int, num_layers: int) -> dict:
         propagated = min(max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len)), context_len)
@@ -66,4 +69,4 @@ class FastKV(SnapKV):
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
         if self.tsp_kernel == self.kernel:
             return super().propagation_scores(layer, scores)
-        return window_scores(layer.q, layer.k, self.window, self.pooling, self.tsp_kernel).sum(0, keepdim=True)
+        return window_scores(layer.q, layer.k, self.scoring_window, self.pooling, self.tsp_kernel).sum(0, keepdim=True)

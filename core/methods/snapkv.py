@@ -25,4 +25,4 @@ class SnapKV(ScoredMethod):
             raise InputError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
 
     def scores(self, layer: LayerInput) -> Tensor:
-        return window_scores(layer.q, layer.k, self.window, self.pooling, self.kernel)
+        return window_scores(layer.q, layer.k, self.scoring_window, self.pooling, self.kernel)

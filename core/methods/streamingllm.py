@@ -19,7 +19,7 @@ class StreamingLLM(ScoredMethod):
     def scores(self, layer: LayerInput) -> Tensor:
         """Recency as the score, sinks above it (the first sink highest): top-k then takes the
         sinks and the latest tokens, and the earliest sinks when there is room for fewer."""
-        prefix = layer.present - self.window
+        prefix = layer.present - self.scoring_window
         recency = torch.arange(prefix, device=layer.k.device, dtype=torch.float32)
         sinks = min(self.sinks, prefix)
         recency[:sinks] = prefix + torch.arange(sinks, 0, -1, device=layer.k.device, dtype=torch.float32)
