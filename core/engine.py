@@ -21,7 +21,7 @@ from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
-from core.store import CACHE_DTYPES
+from core.store import estimate_dtype
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
@@ -241,7 +241,7 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
+        saved_dtype = estimate_dtype(cache_dtype)
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)

@@ -1,0 +1,99 @@
+"""Group-wise affine int8/int4 quantization of stored cache tensors (DESIGN.md §10), for store.py.
+
+Each group of `group` consecutive elements along one dimension shares a scale and a zero point
+(its minimum): x ≈ zero + code * scale, code in [0, 2**bits - 1]. Keys are grouped along tokens
+(one scale per channel and group of tokens: KIVI, arXiv 2402.02750, finds key outliers live in
+channels); values, hidden states and queries along channels (one scale per token and group of
+channels). int4 codes are packed two to a byte, the first in the low nibble. Scales and zero points
+are float16, rounded so that every element stays inside its group's range: the rounding error of a
+code is at most half its group's scale.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BITS = {"int8": 8, "int4": 4}
+GROUP = 64  # elements per group, at most; the file records the size it used
+PARAM_DTYPE = torch.float16  # scales and zero points
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A tensor as stored: `codes` (uint8; int4 packed flat to ceil(numel / 2) bytes), per-group
+    `scale` and `zero` in the tensor's shape with the grouped dimension cut to ceil(size / group)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
+
+def group_size(*dims: int) -> int:
+    """The group size for a model: GROUP or the largest power of two dividing every channel dimension."""
+    return math.gcd(GROUP, *dims)
+
+
+def param_shape(shape: tuple[int, ...], group: int, dim: int) -> tuple[int, ...]:
+    """Shape of the scales and zero points of a tensor of `shape` grouped along `dim`."""
+    dim = dim % len(shape)
+    return (*shape[:dim], -(-shape[dim] // group), *shape[dim + 1 :])
+
+
+def grouped(x: Tensor, group: int, dim: int) -> Tensor:
+    """x with `dim` moved last, padded with its last element to whole groups -> [..., groups, group]."""
+    x = x.movedim(dim, -1)
+    pad = -x.shape[-1] % group
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
+def ungrouped(x: Tensor, size: int, dim: int) -> Tensor:
+    """Inverse of `grouped`: [..., groups, group] -> the tensor with `size` elements along `dim`."""
+    return x.flatten(-2)[..., :size].movedim(-1, dim)
+
+
+def quantize(x: Tensor, bits: int, group: int, dim: int) -> Quantized:
+    """x (any float dtype, not empty along `dim`) -> codes with per-group float16 scale and zero point."""
+    if x.shape[dim] % group and dim % x.dim() == x.dim() - 1:
+        raise ValueError(f"group size {group} does not divide the channel dimension {x.shape[dim]}")
+    levels = (1 << bits) - 1
+    g = grouped(x.float(), group, dim)  # [..., groups, group]
+    low, high = g.amin(-1), g.amax(-1)
+    zero = low.to(PARAM_DTYPE)
+    zero = torch.where(zero.float() > low, torch.nextafter(zero, torch.tensor(-math.inf, dtype=PARAM_DTYPE)), zero)
+    scale = ((high - zero.float()) / levels).to(PARAM_DTYPE)
+    short = zero.float() + scale.float() * levels < high  # rounded down: the top of the range would clip
+    scale = torch.where(short, torch.nextafter(scale, torch.tensor(math.inf, dtype=PARAM_DTYPE)), scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale, codes 0
+    codes = ((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).round().clamp(0, levels)
+    codes = ungrouped(codes.to(torch.uint8), x.shape[dim], dim)
+    return Quantized(pack(codes) if bits == 4 else codes.contiguous(), scale.movedim(-1, dim), zero.movedim(-1, dim))
+
+
+def dequantize(q: Quantized, shape: tuple[int, ...], bits: int, group: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """The tensor of `shape` that `q` stores, in `dtype` (shapes checked by the caller)."""
+    codes = unpack(q.codes, math.prod(shape)).reshape(shape) if bits == 4 else q.codes
+    g = grouped(codes, group, dim).float()  # [..., groups, group]
+    x = g * q.scale.movedim(dim, -1).float().unsqueeze(-1) + q.zero.movedim(dim, -1).float().unsqueeze(-1)
+    return ungrouped(x, shape[dim], dim).to(dtype)
+
+
+def pack(codes: Tensor) -> Tensor:
+    """4-bit codes (uint8, values < 16) -> ceil(numel / 2) bytes, two codes a byte, the first low."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of `pack` -> `numel` codes, flat."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:numel]
+
+
+def stored_numel(numel: int, bits: int) -> int:
+    """Elements of the stored codes tensor for `numel` values."""
+    return -(-numel // 2) if bits == 4 else numel
