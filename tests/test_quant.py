@@ -201,3 +201,13 @@ def test_a_bad_quantization_scheme_is_refused(quantized_file, tmp_path, case):
 def test_the_checksum_covers_the_codes_as_stored(quantized_file, tmp_path):
     path = rewrite_tensors(quantized_file, tmp_path / "bad.fkv", change("layers.0.keys", lambda t: t ^ 1), rehash=False)
     assert "checksum" in refusal(load_cache, path)
+
+
+def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):  # noqa: F811
+    from core.engine import build_summary
+
+    summary = build_summary(saved, "c.fkv", 1000, 0.5, "int4")
+    assert {"output", "file_bytes", "save_s", "prefill_s", "kept_tokens_per_layer"} <= set(summary)
+    assert summary["kind"] == "one-stage" and summary["cache_dtype"] == "int4"
+    assert summary["quantization"]["bits"] == 4
+    assert summary["file_share_of_fullkv_float16"] == 1000 / summary["fullkv_float16_bytes"]
