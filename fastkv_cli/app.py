@@ -247,7 +247,7 @@ def cache_build(
         str,
         typer.Option(
             help="float16, bfloat16 or float32 for the stored tensors, or int8 / int4: group-wise quantized "
-            "(about 56% / 28% of float16's size), de-quantized on load."
+            "(about 54% / 29% of float16's size), de-quantized on load."
         ),
     ] = "float16",
     model: options.Model = None,
