@@ -42,42 +42,46 @@ def param_shape(shape: tuple[int, ...], group: int, dim: int) -> tuple[int, ...]
 
 
 def grouped(x: Tensor, group: int, dim: int) -> Tensor:
-    """x with `dim` moved last, padded with its last element to whole groups -> [..., groups, group]."""
-    x = x.movedim(dim, -1)
-    pad = -x.shape[-1] % group
+    """x padded along `dim` with its last element to whole groups, `dim` split in two: [..., groups, group, ...]."""
+    dim = dim % x.dim()
+    pad = -x.shape[dim] % group
     if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+        last = x.narrow(dim, x.shape[dim] - 1, 1)
+        x = torch.cat([x, last.expand(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim=dim)
+    return x.reshape(*x.shape[:dim], x.shape[dim] // group, group, *x.shape[dim + 1 :])
 
 
 def ungrouped(x: Tensor, size: int, dim: int) -> Tensor:
-    """Inverse of `grouped`: [..., groups, group] -> the tensor with `size` elements along `dim`."""
-    return x.flatten(-2)[..., :size].movedim(-1, dim)
+    """Inverse of `grouped` (`dim` of the ungrouped tensor): merge the two dimensions, drop the padding."""
+    dim = dim % (x.dim() - 1)
+    return x.flatten(dim, dim + 1).narrow(dim, 0, size)
 
 
 def quantize(x: Tensor, bits: int, group: int, dim: int) -> Quantized:
     """x (any float dtype, not empty along `dim`) -> codes with per-group float16 scale and zero point."""
-    if x.shape[dim] % group and dim % x.dim() == x.dim() - 1:
+    dim = dim % x.dim()
+    if x.shape[dim] % group and dim == x.dim() - 1:
         raise ValueError(f"group size {group} does not divide the channel dimension {x.shape[dim]}")
     levels = (1 << bits) - 1
-    g = grouped(x.float(), group, dim)  # [..., groups, group]
-    low, high = g.amin(-1), g.amax(-1)
+    g = grouped(x.float(), group, dim)  # [..., groups, group, ...]
+    low, high = g.amin(dim + 1), g.amax(dim + 1)  # [..., groups, ...]
     zero = low.to(PARAM_DTYPE)
     zero = torch.where(zero.float() > low, torch.nextafter(zero, torch.tensor(-math.inf, dtype=PARAM_DTYPE)), zero)
     scale = ((high - zero.float()) / levels).to(PARAM_DTYPE)
     short = zero.float() + scale.float() * levels < high  # rounded down: the top of the range would clip
     scale = torch.where(short, torch.nextafter(scale, torch.tensor(math.inf, dtype=PARAM_DTYPE)), scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale, codes 0
-    codes = ((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).round().clamp(0, levels)
+    codes = ((g - zero.float().unsqueeze(dim + 1)) / scale.float().unsqueeze(dim + 1)).round_().clamp_(0, levels)
     codes = ungrouped(codes.to(torch.uint8), x.shape[dim], dim)
-    return Quantized(pack(codes) if bits == 4 else codes.contiguous(), scale.movedim(-1, dim), zero.movedim(-1, dim))
+    return Quantized(pack(codes) if bits == 4 else codes.contiguous(), scale, zero)
 
 
 def dequantize(q: Quantized, shape: tuple[int, ...], bits: int, group: int, dim: int, dtype: torch.dtype) -> Tensor:
     """The tensor of `shape` that `q` stores, in `dtype` (shapes checked by the caller)."""
+    dim = dim % len(shape)
     codes = unpack(q.codes, math.prod(shape)).reshape(shape) if bits == 4 else q.codes
-    g = grouped(codes, group, dim).float()  # [..., groups, group]
-    x = g * q.scale.movedim(dim, -1).float().unsqueeze(-1) + q.zero.movedim(dim, -1).float().unsqueeze(-1)
+    g = grouped(codes, group, dim).float()  # [..., groups, group, ...]; float32 arithmetic, then `dtype`
+    x = torch.addcmul(q.zero.float().unsqueeze(dim + 1), g, q.scale.float().unsqueeze(dim + 1))
     return ungrouped(x, shape[dim], dim).to(dtype)
 
 

@@ -27,8 +27,11 @@ from tests.test_store import (  # noqa: F401  (fixtures)
 
 def element_scales(scale: torch.Tensor, shape, group: int, dim: int) -> torch.Tensor:
     """Each element's group scale, in the tensor's shape."""
-    per_group = scale.float().movedim(dim, -1).unsqueeze(-1)
-    return ungrouped(per_group.expand(*per_group.shape[:-1], group), shape[dim], dim)
+    dim = dim % len(shape)
+    per_group = scale.float().unsqueeze(dim + 1)
+    sizes = [-1] * per_group.dim()
+    sizes[dim + 1] = group
+    return ungrouped(per_group.expand(*sizes), shape[dim], dim)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -62,8 +65,9 @@ def test_int4_packing_round_trips_codes_exactly(numel):
 
 def test_grouping_pads_and_unpads():
     x = torch.arange(30.0).reshape(2, 15)
-    assert grouped(x, 4, -1).shape == (2, 4, 4)
+    assert grouped(x, 4, -1).shape == (2, 4, 4) and grouped(x, 4, 0).shape == (1, 4, 15)
     assert torch.equal(ungrouped(grouped(x, 4, -1), 15, -1), x)
+    assert torch.equal(ungrouped(grouped(x, 4, 0), 2, 0), x)
 
 
 def test_a_group_that_does_not_divide_the_channels_is_refused():
