@@ -80,9 +80,17 @@ def dequantize(q: Quantized, shape: tuple[int, ...], bits: int, group: int, dim:
     """The tensor of `shape` that `q` stores, in `dtype` (shapes checked by the caller)."""
     dim = dim % len(shape)
     codes = unpack(q.codes, math.prod(shape)).reshape(shape) if bits == 4 else q.codes
-    g = grouped(codes, group, dim).float()  # [..., groups, group, ...]; float32 arithmetic, then `dtype`
-    x = torch.addcmul(q.zero.float().unsqueeze(dim + 1), g, q.scale.float().unsqueeze(dim + 1))
-    return ungrouped(x, shape[dim], dim).to(dtype)
+    out = torch.empty(shape, dtype=torch.float32)
+    whole = shape[dim] // group * group  # whole groups as a view, a short last group apart (no padding copy)
+    for start, size in ((0, whole), (whole, shape[dim] - whole)):
+        if size:
+            first = start // group
+            g = codes.narrow(dim, start, size).unflatten(dim, (-1, min(group, size)))  # [..., groups, group, ...]
+            scale, zero = (p.narrow(dim, first, g.shape[dim]).float().unsqueeze(dim + 1) for p in (q.scale, q.zero))
+            out.narrow(dim, start, size).unflatten(dim, g.shape[dim : dim + 2]).copy_(
+                torch.addcmul(zero, g.float(), scale)
+            )
+    return out.to(dtype)
 
 
 def pack(codes: Tensor) -> Tensor:
@@ -95,7 +103,10 @@ def pack(codes: Tensor) -> Tensor:
 
 def unpack(packed: Tensor, numel: int) -> Tensor:
     """Inverse of `pack` -> `numel` codes, flat."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:numel]
+    codes = packed.new_empty(2 * packed.numel())
+    torch.bitwise_and(packed, 15, out=codes[0::2])
+    torch.bitwise_right_shift(packed, 4, out=codes[1::2])
+    return codes[:numel]
 
 
 def stored_numel(numel: int, bits: int) -> int:
