@@ -280,6 +280,8 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
 def check_resumable(manifest: dict) -> None:
     """A query-aware cache names a method that pauses at `paused_layer`, with settings it accepts."""
     method, layer = manifest["method"], manifest["paused_layer"]
+    if "budget" not in method["parameters"]:  # each query resumes at this budget unless told another
+        raise CacheFileError("manifest.method.parameters.budget is missing from a query-aware cache")
     try:
         pauses_at = make_method(method["name"], **method["parameters"]).pause_layer(manifest["model"]["num_layers"])
     except (FastKVError, TypeError, ValueError):
