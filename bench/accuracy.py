@@ -28,6 +28,8 @@ Prefill seconds of a replayed method are the recorded prefill's plus that method
 """
 
 import argparse
+import json
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from core.kvcache import KVCache
 from core.methods import METHODS, Budget, Method, make_method
 from core.methods.fullkv import FullKV
 from core.prompt import encode_question
+from core.store import load_cache, save_cache
 
 TASKS = ("passkey", "docqa")
 DEFAULT_METHODS = ["fullkv", "fastkv", "snapkv", "streamingllm", "gemfilter"]
@@ -102,6 +105,7 @@ class Settings:
     variants: list[Variant]
     decoding: Decoding
     stored_factor: float
+    cache_dtype: str | None = None  # saved modes: round-trip each cache through a file in this dtype
 
 
 def stored_budget(budget: Budget, factor: float) -> Budget:
@@ -209,11 +213,22 @@ def run_saved(
         else:
             method = method.for_question(None)  # as engine.build resolves a question-blind build
             saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
+        if settings.cache_dtype is not None:
+            saved = stored(engine, saved, settings.cache_dtype)
         for item, ref in zip(items, refs, strict=True):
             text, logits = query(engine, saved, item.question, settings.decoding)
             outcomes.append(outcome(item, variant, text, logits, saved.stats.prefill_s, ref))
             advance()
     return outcomes
+
+
+def stored(engine: Engine, saved: SavedContext, dtype: str) -> SavedContext:
+    """`saved` as `cache query` would see it after `cache build --cache-dtype dtype`: written and read back."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.fkv"
+        save_cache(path, saved.cache, saved.manifest, dtype)
+        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+    return SavedContext(cache, {**saved.manifest, **manifest}, saved.stats)
 
 
 def groups(items: list[Item]) -> list[list[Item]]:
@@ -460,6 +475,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="passkey prompt lengths")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--limit", type=int, help="at most this many questions per task")
+    parser.add_argument("--answers", help="also write every answer to this JSON-lines file")
+    parser.add_argument("--cache-dtype", help="saved modes: write and re-load each cache in this storage dtype")
     parser.add_argument("--stored-factor", type=float, default=STORED_FACTOR, help="two-stage: stored / final budget")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer length limit")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
@@ -487,7 +504,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             f"model's window of {engine.loaded.context_window}"
         )
     items = [item for name in args.tasks for item in task_items(name, engine, args.lengths)[: args.limit]]
-    settings = Settings(plan(args.methods, budgets, args.modes), decoding, args.stored_factor)
+    settings = Settings(plan(args.methods, budgets, args.modes), decoding, args.stored_factor, args.cache_dtype)
     start = time.perf_counter()
     with torch.inference_mode():
         outcomes = run(engine, items, settings)
@@ -513,10 +530,30 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             limit=(args.limit, None),
             stored_factor=(args.stored_factor, STORED_FACTOR),
             max_new_tokens=(args.max_new_tokens, MAX_NEW_TOKENS),
+            cache_dtype=(args.cache_dtype, None),
         )
         body = section_body(tables, outcomes, verdicts, report.plot)
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path} and {report.plot}")
+    if args.answers:
+        Path(args.answers).write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "task": o.item.task,
+                        "question": o.item.question,
+                        "group": o.item.group,
+                        "mode": o.variant.mode,
+                        "method": o.variant.method,
+                        "budget": o.variant.budget_label,
+                        "answer": o.answer,
+                        "correct": o.score.correct,
+                    }
+                )
+                + "\n"
+                for o in outcomes
+            )  # fmt: skip
+        )
     return outcomes
 
 

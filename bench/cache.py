@@ -24,6 +24,7 @@ DEFAULT_TOKENS = 7500  # what fits the 8K window with the 256 tokens a saved con
 DEFAULT_REPEATS = 3
 QUESTION = "How long does a licensee have to cure a violation after being notified?"
 FIRST_TOKEN = Decoding(max_new_tokens=1)
+STORAGE = ("float16", "int8", "int4")
 TARGETS = {"speedup": 50.0, "size_share": 0.12, "cache_load_s": 0.5, "model_load_s": 2.0}
 
 
@@ -47,7 +48,34 @@ def build(
     method_obj = make_method(method) if budget is None else make_method(method, budget=budget)
     final = None if query_budget is None else Budget.parse(query_budget)
     saved = engine.build(read_documents([str(document)]), method_obj, final, query_aware=query_aware)
+    for dtype in STORAGE:  # the same cache in every storage dtype, beside PATH
+        save_cache(stored_path(path, dtype), saved.cache, saved.manifest, dtype, force=True)
     return save_cache(path, saved.cache, saved.manifest, "float16", force=True)
+
+
+def stored_path(path: Path, dtype: str) -> Path:
+    return path.with_name(f"{path.stem}-{dtype}.fkv")
+
+
+def storage_table(engine: Engine, files: dict[str, Path], fullkv_bytes: int, repeats: int, title: str) -> Table:
+    """Kinds × storage dtypes: file share of the float16 fullkv file, load time and query TTFT."""
+    engine_fns = {}
+    for name, path in files.items():
+        for dtype in STORAGE:
+            engine_fns[f"load {name} {dtype}"] = partial(load_cache, stored_path(path, dtype))
+            if name != "fullkv":
+                engine_fns[f"query {name} {dtype}"] = partial(query_from_disk, engine, stored_path(path, dtype))
+    seconds = medians(interleaved(engine_fns, repeats))
+    table = Table(
+        title=title, headers=["cache", "storage", "file MiB", "% of float16 fullkv file", "load s", "query TTFT s"]
+    )
+    for name, path in files.items():
+        for dtype in STORAGE:
+            size = stored_path(path, dtype).stat().st_size
+            query = "—" if name == "fullkv" else cell(seconds[f"query {name} {dtype}"], 3)
+            table.rows.append([name, dtype, cell(size / MIB, 1), cell(100 * size / fullkv_bytes, 1, "%"),
+                               cell(seconds[f"load {name} {dtype}"], 3), query])  # fmt: skip
+    return table
 
 
 def query_from_disk(engine: Engine, path: Path) -> None:
@@ -112,6 +140,17 @@ def main() -> None:
         fns |= {f"load {name}": partial(load_cache, path) for name, path in files.items()}
         seconds = medians(interleaved(fns, args.repeats))
         fresh = {name: fresh_process_seconds(path, args.repeats) for name, path in query_files.items()}
+        storage = storage_table(
+            engine,
+            files,
+            sizes["fullkv"],
+            args.repeats,
+            f"Storage dtypes at {args.tokens} tokens ({engine.loaded.name})",
+        )
+        storage.caption = (
+            "The same caches saved as float16, int8 and int4 (group-wise affine, groups of 64; de-quantized on "
+            f"load). Load: load_cache to CPU; query TTFT as above. Medians of {args.repeats} interleaved runs."
+        )
     full_ttft = seconds["fullkv ask (re-prefill)"]
     table = Table(
         title=f"Saved caches at {args.tokens} tokens ({engine.loaded.name}, float16 files)",
@@ -150,10 +189,11 @@ def main() -> None:
         f"wall time, imports and model load included. Model load (Engine.load): median {model_loads:.2f} s."
     )
     table.print()
+    storage.print()
     print(*lines, sep="\n")
     if not args.no_write:
         reduced = reduced_run(tokens=(args.tokens, DEFAULT_TOKENS), repeats=(args.repeats, DEFAULT_REPEATS))
-        body = "\n".join([table.markdown(), *[f"- {line}" for line in lines], ""])
+        body = "\n".join([table.markdown(), *[f"- {line}" for line in lines], "", storage.markdown(), ""])
         path = write_section("cache", "Saved caches", body, engine.loaded.device, reduced)
         print(f"wrote {path}")
 

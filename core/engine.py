@@ -21,7 +21,7 @@ from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
-from core.store import CACHE_DTYPES
+from core.store import estimate_dtype, quantization_for
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
@@ -89,6 +89,42 @@ def query_method(manifest: dict, budget: Budget | None, question_tokens: int) ->
     if budget is None:
         return None
     return SnapKV(budget, window=question_tokens, pooling=parameters.get("pooling", "maxpool"))
+
+
+def cache_kind(manifest: dict) -> str:
+    """query-aware (a paused prefill), two-stage (queries re-select) or one-stage (answers use what is stored)."""
+    if manifest["paused_layer"] is not None:
+        return "query-aware"
+    return "one-stage" if manifest["query_budget"] is None else "two-stage"
+
+
+def fullkv_file_bytes(model: dict, tokens: int) -> int:
+    """The tensor bytes of a float16 cache of every token: the yardstick a saved file's size is read against."""
+    per_token = model["num_layers"] * model["num_kv_heads"] * (2 * model["head_dim"] * 2 + 4)  # K, V, position
+    return per_token * tokens
+
+
+def build_summary(saved: SavedContext, output: str, file_bytes: int, save_s: float, cache_dtype: str) -> dict:
+    """What `cache build --json` prints: the stable keys output/file_bytes/save_s, the kind of cache, its
+    storage and its size against a float16 cache of every token, then the run's stats."""
+    manifest = saved.manifest
+    full = fullkv_file_bytes(manifest["model"], manifest["context_tokens"])
+    return {
+        "output": output,
+        "file_bytes": file_bytes,
+        "save_s": save_s,
+        "model": manifest["model"]["name"],
+        "method": manifest["method"]["name"],
+        "budget": manifest["method"]["parameters"].get("budget"),
+        "kind": cache_kind(manifest),
+        "query_budget": manifest["query_budget"],
+        "paused_layer": manifest["paused_layer"],
+        "cache_dtype": cache_dtype,
+        "quantization": quantization_for(cache_dtype, manifest["model"]),
+        "fullkv_float16_bytes": full,
+        "file_share_of_fullkv_float16": file_bytes / full,
+        **saved.stats.to_dict(),
+    }
 
 
 def check_query_aware(method: Method, query_budget: Budget | None, questions: list[str]) -> None:
@@ -241,7 +277,7 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        saved_dtype = CACHE_DTYPES.get(cache_dtype, torch.float32)
+        saved_dtype = estimate_dtype(cache_dtype)
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)

@@ -7,6 +7,7 @@ See docs/cache-format.md for the format.
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,12 +20,17 @@ from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
 from core.kvcache import KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
+from core.quant import BITS, PARAM_DTYPE, Quantized, dequantize, group_size, param_shape, quantize, stored_numel
 
-FORMAT_VERSION = 3
-# version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
+# version 3's were never quantized
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
+KEY_GROUPS = ("tokens", "channels")  # the dimension a group of key elements runs along
+DEQUANTIZED = torch.float32  # a quantized file's tensors as load_cache first rebuilds them
 
 # field -> type, or a nested schema; lists of dicts give the schema of one element.
 MANIFEST_SCHEMA = {
@@ -49,6 +55,7 @@ MANIFEST_SCHEMA = {
     "steering_questions": int,
     "paused_layer": (int, type(None)),
     "policy": (dict, type(None)),  # the method's settings in tokens for this context; from version 3
+    "quantization": (dict, type(None)),  # from version 4: null for float storage
     "context_tokens": int,
     "dropped_tokens": int,
     "template": {"question_prefix": str, "tail": str},
@@ -85,17 +92,41 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def cache_tensors(cache: KVCache, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors = {}
+def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to store: float ones cast to `dtype`, or, with `quantization`, each as its codes
+    under its own name plus `{name}.scale` and `{name}.zero`."""
+    floats = {}
     for i, layer in enumerate(cache.layers):
-        tensors[f"layers.{i}.keys"] = layer.keys.to(dtype).contiguous().cpu()
-        tensors[f"layers.{i}.values"] = layer.values.to(dtype).contiguous().cpu()
-        tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
+        floats[f"layers.{i}.keys"] = layer.keys
+        floats[f"layers.{i}.values"] = layer.values
     if cache.paused is not None:
-        tensors["paused.hidden"] = cache.paused.hidden.to(dtype).contiguous().cpu()
+        floats["paused.hidden"] = cache.paused.hidden
         if cache.paused.queries is not None:
-            tensors["paused.queries"] = cache.paused.queries.to(dtype).contiguous().cpu()
+            floats["paused.queries"] = cache.paused.queries
+    tensors = {}
+    for name, tensor in floats.items():
+        if quantization is None:
+            tensors[name] = tensor.to(CACHE_DTYPES[dtype]).contiguous().cpu()
+            continue
+        q = quantize(tensor, quantization["bits"], quantization["group_size"], group_dim(name, quantization))
+        for suffix, part in (("", q.codes), (".scale", q.scale), (".zero", q.zero)):
+            tensors[name + suffix] = part.contiguous().cpu()
+    for i, layer in enumerate(cache.layers):
+        tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
     return tensors
+
+
+def group_dim(name: str, quantization: dict) -> int:
+    """The dimension a stored tensor's groups run along: keys per `key_groups`, the rest along channels."""
+    return -2 if name.endswith(".keys") and quantization["key_groups"] == "tokens" else -1
+
+
+def quantization_for(dtype: str, model: dict) -> dict | None:
+    """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage)."""
+    if dtype not in BITS:
+        return None
+    group = group_size(model["head_dim"], model["hidden_size"])
+    return {"bits": BITS[dtype], "group_size": group, "key_groups": "tokens", "scale_dtype": "float16"}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -123,16 +154,28 @@ def check_writable(directory: Path) -> None:
 
 
 def check_cache_dtype(dtype: str) -> None:
-    if dtype not in CACHE_DTYPES:
-        raise InputError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got '{dtype}'")
+    if dtype not in STORAGE_DTYPES:
+        raise InputError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{dtype}'")
+
+
+def estimate_dtype(dtype: str) -> torch.dtype:
+    """A dtype whose element size bounds a stored element's, for the memory guard (int4 counts a byte)."""
+    return CACHE_DTYPES.get(dtype, torch.uint8)
 
 
 def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
     """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
     check_cache_dtype(dtype)
     check_target(path, force)
-    tensors = cache_tensors(cache, CACHE_DTYPES[dtype])
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "dtype": dtype, "tensors_sha256": tensors_sha256(tensors)}
+    quantization = quantization_for(dtype, manifest["model"])
+    tensors = cache_tensors(cache, dtype, quantization)
+    manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "quantization": quantization,
+        "tensors_sha256": tensors_sha256(tensors),
+    }
     check_manifest(manifest)
     data = save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
     try:
@@ -162,6 +205,8 @@ def load_cache(
             raise CacheFileError(f"{path}: damaged tensor data ({error})") from None
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
+    if manifest["quantization"] is not None:
+        tensors = dequantized(path, tensors, manifest)
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
     paused = paused_from_tensors(path, tensors, layers, manifest)
     cache = KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
@@ -216,14 +261,17 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         manifest["paused_layer"] = None
     if version in (1, 2):
         manifest["policy"] = None
+    if version in (1, 2, 3):
+        manifest["quantization"] = None
     try:
         check_manifest(manifest)
     except CacheFileError as error:
         raise CacheFileError(f"{path}: {error}") from None
-    if manifest["dtype"] not in CACHE_DTYPES:
+    if manifest["dtype"] not in STORAGE_DTYPES:
         raise CacheFileError(f"{path}: unknown tensor dtype {manifest['dtype']!r} in the manifest")
     try:
         check_values(manifest)
+        check_quantization(manifest)
     except CacheFileError as error:
         raise CacheFileError(f"{path}: {error}") from None
     return manifest
@@ -232,6 +280,8 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
 def check_resumable(manifest: dict) -> None:
     """A query-aware cache names a method that pauses at `paused_layer`, with settings it accepts."""
     method, layer = manifest["method"], manifest["paused_layer"]
+    if "budget" not in method["parameters"]:  # each query resumes at this budget unless told another
+        raise CacheFileError("manifest.method.parameters.budget is missing from a query-aware cache")
     try:
         pauses_at = make_method(method["name"], **method["parameters"]).pause_layer(manifest["model"]["num_layers"])
     except (FastKVError, TypeError, ValueError):
@@ -288,18 +338,100 @@ def check_values(manifest: dict) -> None:
                 raise CacheFileError(f"{where}.page_token_spans holds {str(span)[:40]}, not a [start, end) span")
 
 
+def check_quantization(manifest: dict) -> None:
+    """A quantized dtype comes with its scheme: bits of the dtype, a group size dividing every channel
+    dimension, float16 scales; a float dtype with none."""
+    quantization, dtype, model = manifest["quantization"], manifest["dtype"], manifest["model"]
+    if dtype not in BITS:
+        if quantization is not None:
+            raise CacheFileError(f"manifest.quantization should be null for {dtype} tensors")
+        return
+    if quantization is None:
+        raise CacheFileError(f"manifest.quantization is missing for {dtype} tensors")
+    check_manifest(
+        quantization, {"bits": int, "group_size": int, "key_groups": str, "scale_dtype": str}, "manifest.quantization"
+    )
+    if quantization["bits"] != BITS[dtype]:
+        raise CacheFileError(f"manifest.quantization.bits is {quantization['bits']}, not {dtype}'s {BITS[dtype]}")
+    if quantization["key_groups"] not in KEY_GROUPS or quantization["scale_dtype"] != "float16":
+        raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
+    group = quantization["group_size"]
+    for key in ("head_dim", "hidden_size"):
+        if group < 1 or model[key] % group:
+            raise CacheFileError(f"manifest.quantization.group_size {group} does not divide model.{key} {model[key]}")
+
+
+def expected_names(manifest: dict) -> set[str]:
+    """The float tensors' and positions' names a file of this manifest holds."""
+    model = manifest["model"]
+    names = {f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")}
+    if manifest["paused_layer"] is not None:
+        names.add("paused.hidden")
+        if manifest["format_version"] >= 3 and resumed_method(manifest).window is not None:
+            names.add("paused.queries")
+    return names
+
+
+def names_mismatch(path: Path, manifest: dict) -> CacheFileError:
+    paused = "" if manifest["paused_layer"] is None else " and a paused prefill"
+    return CacheFileError(
+        f"{path}: the tensors do not match the model's {manifest['model']['num_layers']} layers{paused}"
+    )
+
+
+def float_shapes(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> dict[str, tuple[int, ...]]:
+    """The shape each quantized tensor stands for, from the positions and the manifest."""
+    model, context = manifest["model"], manifest["context_tokens"]
+    shapes = {}
+    for i in range(model["num_layers"]):
+        positions = tensors[f"layers.{i}.positions"]
+        if positions.dim() != 2 or positions.shape[0] != model["num_kv_heads"]:
+            raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
+        shape = (model["num_kv_heads"], positions.shape[1], model["head_dim"])
+        shapes[f"layers.{i}.keys"] = shapes[f"layers.{i}.values"] = shape
+    if manifest["paused_layer"] is not None:
+        shapes["paused.hidden"] = (context, model["hidden_size"])
+    if "paused.queries" in tensors:
+        window = min(resumed_method(manifest).window, context)
+        shapes["paused.queries"] = (manifest["paused_layer"] + 1, model["num_heads"], window, model["head_dim"])
+    return shapes
+
+
+def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> dict[str, torch.Tensor]:
+    """A quantized file's tensors -> float32 ones under the float names, after checking every code,
+    scale and zero point tensor's shape and dtype and that scales are finite and positive."""
+    quantization = manifest["quantization"]
+    bits, group = quantization["bits"], quantization["group_size"]
+    floats = expected_names(manifest)
+    parts = {name + suffix for name in floats if not name.endswith(".positions") for suffix in (".scale", ".zero")}
+    if set(tensors) != floats | parts:
+        raise names_mismatch(path, manifest)
+    result = {name: tensors[name] for name in floats if name.endswith(".positions")}
+    for name, shape in float_shapes(path, tensors, manifest).items():
+        dim = group_dim(name, quantization)
+        codes, scale, zero = tensors[name], tensors[name + ".scale"], tensors[name + ".zero"]
+        expected = (stored_numel(math.prod(shape), bits),) if bits == 4 else shape
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
+            packed = (
+                f"{expected[0]:,} bytes of packed int4 codes" if bits == 4 else f"uint8 codes of shape {list(shape)}"
+            )
+            raise CacheFileError(f"{path}: {name} should hold {packed}, not {codes.dtype} {list(codes.shape)}")
+        for part, tensor in ((".scale", scale), (".zero", zero)):
+            if tensor.dtype != PARAM_DTYPE or tuple(tensor.shape) != param_shape(shape, group, dim):
+                raise CacheFileError(f"{path}: {name}{part} has the wrong shape or dtype for groups of {group}")
+            if not bool(tensor.isfinite().all()):
+                raise CacheFileError(f"{path}: {name}{part} holds NaN or infinite values")
+        if not bool((scale > 0).all()):
+            raise CacheFileError(f"{path}: {name}.scale holds scales that are not positive")
+        result[name] = dequantize(Quantized(codes, scale, zero), shape, bits, group, dim, DEQUANTIZED)
+    return result
+
+
 def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> list[LayerKV]:
     model = manifest["model"]
-    expected_names = {
-        f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")
-    }
-    if manifest["paused_layer"] is not None:
-        expected_names.add("paused.hidden")
-        if manifest["format_version"] >= 3 and resumed_method(manifest).window is not None:
-            expected_names.add("paused.queries")
-    if set(tensors) != expected_names:
-        paused = "" if manifest["paused_layer"] is None else " and a paused prefill"
-        raise CacheFileError(f"{path}: the tensors do not match the model's {model['num_layers']} layers{paused}")
+    if set(tensors) != expected_names(manifest):
+        raise names_mismatch(path, manifest)
+    stored = CACHE_DTYPES.get(manifest["dtype"], DEQUANTIZED)
     layers = []
     for i in range(model["num_layers"]):
         keys, values, positions = (tensors[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
@@ -307,7 +439,6 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         expected = (model["num_kv_heads"], n, model["head_dim"])
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or tuple(positions.shape) != expected[:2]:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
-        stored = CACHE_DTYPES[manifest["dtype"]]
         if positions.dtype != torch.int32 or keys.dtype != stored or values.dtype != stored:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
         if n and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
@@ -328,7 +459,7 @@ def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: li
     hidden = tensors["paused.hidden"]
     if tuple(hidden.shape) != (context, manifest["model"]["hidden_size"]):
         raise CacheFileError(f"{path}: the paused hidden states have the wrong shape")
-    if hidden.dtype != CACHE_DTYPES[manifest["dtype"]]:
+    if hidden.dtype != CACHE_DTYPES.get(manifest["dtype"], DEQUANTIZED):
         raise CacheFileError(f"{path}: the paused hidden states have the wrong dtype")
     queries = tensors.get("paused.queries")  # absent from version 2 files: a resume scores with the question alone
     if queries is not None:

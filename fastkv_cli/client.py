@@ -17,7 +17,16 @@ from types import SimpleNamespace
 
 from core.errors import FastKVError, InputError
 from fastkv_cli.inputs import read_questions, stdin_questions
-from fastkv_cli.render import cache_info_view, print_json, progress_reporter, show, stderr, stdout, stream_to_stdout
+from fastkv_cli.render import (
+    build_table,
+    cache_info_view,
+    print_json,
+    progress_reporter,
+    show,
+    stderr,
+    stdout,
+    stream_to_stdout,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 LOCAL = ("off", "local", "none")  # --server off: run here even when $FASTKV_SERVER is set
@@ -219,6 +228,8 @@ def cache_build(
     if json:
         print_json(summary)
     if not quiet:
+        if "kind" in summary:  # a server of this version
+            stderr.print(build_table(summary))
         stderr.print(f"wrote {output} ({summary['file_bytes'] / (1 << 20):.1f} MiB)", highlight=False)
 
 

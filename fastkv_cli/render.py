@@ -89,6 +89,43 @@ def stats_table(answer) -> Table:
     return table
 
 
+def build_table(summary: dict) -> Table:
+    """`cache build`'s summary on stderr, as `ask` shows its stats: what was prefilled, kept and written."""
+    title = escape(f"{summary['output']} · {summary['model']} · {summary['method']}")
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    kept = summary["kept_tokens_per_layer"]
+    kind = summary["kind"]
+    if kind == "query-aware":
+        kind += f" (paused after layer {summary['paused_layer']}; each question resumes at budget {summary['budget']})"
+    elif kind == "two-stage":
+        kind += f" (each question re-selects down to {summary['query_budget']})"
+    quantization = summary["quantization"]
+    storage = summary["cache_dtype"] + (f", groups of {quantization['group_size']}" if quantization else "")
+    rows = [
+        ("model load", seconds(summary["load_s"])),
+        ("read", seconds(summary["read_s"])),
+        ("prefill", seconds(summary["prefill_s"])),
+        (
+            "context tokens",
+            f"{summary['context_tokens']:,}" + dropped(summary["dropped_tokens"], summary["dropped_tokens_estimated"]),
+        ),
+        ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}" if kept else "—"),
+        ("kind of cache", kind),
+        ("storage", storage),
+        (
+            "file",
+            f"{summary['file_bytes'] / MIB:.1f} MiB, {summary['file_share_of_fullkv_float16']:.0%} of a float16 "
+            f"cache of every token ({summary['fullkv_float16_bytes'] / MIB:.1f} MiB)",
+        ),
+        ("write", seconds(summary["save_s"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    return table
+
+
 def print_json(data: dict) -> None:
     """One JSON object on one line of stdout."""
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
@@ -125,6 +162,13 @@ def policy_line(manifest: dict) -> str:
     return " · ".join(parts) or "—"
 
 
+def storage(manifest: dict) -> str:
+    quantization = manifest["quantization"]
+    if quantization is None:
+        return manifest["dtype"]
+    return f"{manifest['dtype']} in groups of {quantization['group_size']}"
+
+
 def cache_info_view(info: dict) -> Group:
     """Manifest, sizes and per-page coverage of a .fkv file."""
     manifest, model = info["manifest"], info["manifest"]["model"]
@@ -151,7 +195,7 @@ def cache_info_view(info: dict) -> Group:
         ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"),
         (
             "file",
-            f"{info['file_bytes'] / MIB:.1f} MiB, {manifest['dtype']}, format v{manifest['format_version']}, checksum ok",
+            f"{info['file_bytes'] / MIB:.1f} MiB, {storage(manifest)}, format v{manifest['format_version']}, checksum ok",
         ),
         ("created", f"{manifest['created']} by fastkv {manifest['fastkv_version']}"),
     ]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from core import __version__
-from core.engine import Engine, check_query_aware
+from core.engine import Engine, build_summary, check_query_aware
 from core.errors import FastKVError, InputError
 from core.generation import Decoding, Sampling
 from core.methods import DEFAULT_METHOD, Budget, make_method
@@ -188,9 +188,9 @@ class Service:
         start = time.perf_counter()
         size = save_cache(output, saved.cache, saved.manifest, request.cache_dtype, request.force)  # atomic
         saved.stats.read_s = read_s
-        summary = {"output": str(output), "file_bytes": size, "save_s": time.perf_counter() - start}
+        summary = build_summary(saved, str(output), size, time.perf_counter() - start, request.cache_dtype)
         job.emit({"event": "progress", "step": "saving", "done": 1, "total": 1})
-        job.emit({"event": "result", "result": {**summary, **saved.stats.to_dict()}})
+        job.emit({"event": "result", "result": summary})
 
     def query(self, request: QueryIn, path: Path, job: Job) -> None:
         decoding = request.decoding()

@@ -38,6 +38,8 @@ SOURCES = [
     ("mistral", "snapkv", {"budget": "20%"}, "bfloat16", {"query_budget": Budget.parse("10%")}),
     ("qwen2", "streamingllm", {"budget": "16"}, "float16", {"questions": ["Who kept the light?"]}),
     ("llama", "fastkv", {"budget": "20%"}, "float32", {"query_aware": True}),
+    ("qwen2", "snapkv", {"budget": "40%"}, "int8", {}),
+    ("llama", "fastkv", {"budget": "20%"}, "int4", {"query_aware": True}),
 ]
 
 
@@ -331,13 +333,20 @@ def assert_intact(path: Path, data: bytes) -> None:
     model = manifest["model"]
     stored = dict(load(data))
     assert tensors_sha256(stored) == manifest["tensors_sha256"]
+    stored_as = manifest["dtype"] if manifest["quantization"] is None else "float32"  # de-quantized on load
+    for name, tensor in stored.items():  # a quantized file's codes, finite positive scales, finite zeros
+        if name.endswith((".scale", ".zero")):
+            assert tensor.dtype == torch.float16 and bool(tensor.isfinite().all())
+            assert name.endswith(".zero") or bool((tensor > 0).all())
+        elif manifest["quantization"] is not None and not name.endswith(".positions"):
+            assert tensor.dtype == torch.uint8
     assert len(cache.layers) == model["num_layers"] >= 1
     assert cache.seq_len == manifest["context_tokens"] >= 1
     for layer in cache.layers:
         n = layer.length
         assert layer.keys.shape == layer.values.shape == (model["num_kv_heads"], n, model["head_dim"])
         assert layer.positions.shape == (model["num_kv_heads"], n)
-        assert str(layer.keys.dtype).removeprefix("torch.") == manifest["dtype"]
+        assert str(layer.keys.dtype).removeprefix("torch.") == stored_as
         if n:
             assert 0 <= int(layer.positions.min()) and int(layer.positions.max()) < manifest["context_tokens"]
             assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())

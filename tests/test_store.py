@@ -111,7 +111,7 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 3, "dtype": "float32"})
+    expected = json_roundtrip({**saved.manifest, "format_version": 4, "dtype": "float32", "quantization": None})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +311,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(4, "format_version"), "format version 4"),
+    "future-version": (assign(5, "format_version"), "format version 5"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
@@ -325,7 +325,8 @@ MANIFEST_CASES = {
     "int-for-str": (assign(7, "tokenizer_sha256"), "tokenizer_sha256 should be str, not int"),
     "list-for-object": (assign([], "template"), "manifest.template should be an object"),
     "object-for-list": (assign({}, "documents"), "manifest.documents should be a list"),
-    "unknown-dtype": (assign("int8", "dtype"), "unknown tensor dtype 'int8'"),
+    "unknown-dtype": (assign("int2", "dtype"), "unknown tensor dtype 'int2'"),
+    "quantized-dtype-without-scheme": (assign("int8", "dtype"), "manifest.quantization is missing for int8"),
     "not-json": ("{not json", "not valid JSON"),
     "no-manifest": (None, "no manifest"),
 }
@@ -688,7 +689,7 @@ def test_a_missing_parent_directory_is_refused(saved, tmp_path):
 
 def test_an_unknown_cache_dtype_is_refused(saved, tmp_path):
     with pytest.raises(InputError, match="--cache-dtype"):
-        save_cache(tmp_path / "c.fkv", saved.cache, saved.manifest, "int8")
+        save_cache(tmp_path / "c.fkv", saved.cache, saved.manifest, "int2")
     assert list(tmp_path.iterdir()) == []
 
 

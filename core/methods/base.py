@@ -253,7 +253,9 @@ class ScoredMethod(Method):
         return None
 
     def select(self, layer: LayerInput) -> Selection:
-        if layer.q.shape[1] < self.scoring_window:  # fewer queries than the window (an appended question): score with those
+        if (
+            layer.q.shape[1] < self.scoring_window
+        ):  # fewer queries than the window (an appended question): score with those
             return replace(self, window=layer.q.shape[1]).select(layer)
         kept, propagated = self.kept_count(layer), self.propagated_count(layer)
         if kept is None and propagated is None:

@@ -1,0 +1,217 @@
+"""Quantized storage: the arithmetic of core/quant.py, int8/int4 .fkv files, their refusals, older versions."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.engine import SavedContext
+from core.quant import dequantize, grouped, pack, param_shape, quantize, ungrouped, unpack
+from core.stats import RunStats
+from core.store import load_cache, save_cache
+from tests.test_store import (  # noqa: F401  (fixtures)
+    QUESTION,
+    build,
+    document,
+    engine,
+    query_aware,
+    refusal,
+    rewrite_manifest,
+    rewrite_tensors,
+    saved,
+)
+
+# --- the arithmetic -----------------------------------------------------------------------------------
+
+
+def element_scales(scale: torch.Tensor, shape, group: int, dim: int) -> torch.Tensor:
+    """Each element's group scale, in the tensor's shape."""
+    dim = dim % len(shape)
+    per_group = scale.float().unsqueeze(dim + 1)
+    sizes = [-1] * per_group.dim()
+    sizes[dim + 1] = group
+    return ungrouped(per_group.expand(*sizes), shape[dim], dim)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [-1, -2], ids=["along-channels", "along-tokens"])
+@pytest.mark.parametrize("tokens", [37, 64, 1])
+def test_round_trip_error_is_at_most_half_a_scale_per_element(bits, dim, tokens):
+    torch.manual_seed(tokens)
+    x = torch.randn(3, tokens, 64) * torch.logspace(-2, 2, 64)  # channels of very different ranges
+    x[0, 0, 5] = 300.0  # an outlier
+    q = quantize(x, bits, 16, dim)
+    y = dequantize(q, tuple(x.shape), bits, 16, dim, torch.float32)
+
+    assert q.scale.shape == q.zero.shape == param_shape(tuple(x.shape), 16, dim)
+    rounding = x.abs() * 2**-22  # float32 arithmetic when a scale is far below its group's values
+    assert ((y - x).abs() <= element_scales(q.scale, x.shape, 16, dim) / 2 * (1 + 1e-5) + rounding).all()
+
+
+def test_a_constant_group_comes_back_exactly():
+    x = torch.full((2, 5, 16), 0.1)
+    y = dequantize(quantize(x, 4, 16, -1), (2, 5, 16), 4, 16, -1, torch.float32)
+    assert (y - x).abs().max() <= 0.1 * 2**-10  # the float16 zero point's rounding alone
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 64])
+def test_int4_packing_round_trips_codes_exactly(numel):
+    codes = torch.randint(0, 16, (numel,), dtype=torch.uint8)
+    packed = pack(codes)
+    assert packed.numel() == math.ceil(numel / 2)
+    assert torch.equal(unpack(packed, numel), codes)
+
+
+def test_grouping_pads_and_unpads():
+    x = torch.arange(30.0).reshape(2, 15)
+    assert grouped(x, 4, -1).shape == (2, 4, 4) and grouped(x, 4, 0).shape == (1, 4, 15)
+    assert torch.equal(ungrouped(grouped(x, 4, -1), 15, -1), x)
+    assert torch.equal(ungrouped(grouped(x, 4, 0), 2, 0), x)
+
+
+def test_a_group_that_does_not_divide_the_channels_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.randn(2, 3, 24), 8, 16, -1)
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F811
+    """A query-aware cache (every tensor kind: keys, values, paused hidden states and queries), quantized."""
+    path = tmp_path_factory.mktemp("quant") / f"{request.param}.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, request.param)
+    return path
+
+
+def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
+    cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
+    bits = manifest["quantization"]["bits"]
+    assert manifest["format_version"] == 4 and manifest["quantization"]["group_size"] == 16
+    pairs = [(a.keys, b.keys) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    pairs += [(a.values, b.values) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden)]
+    pairs += [(cache.paused.queries, query_aware.cache.paused.queries)]
+    for loaded, original in pairs:
+        assert loaded.shape == original.shape and loaded.dtype == torch.float32
+        if original.numel():  # half a step of the whole tensor's range bounds every group's error
+            span = (original.max() - original.min()).item()
+            assert (loaded - original).abs().max().item() <= span / ((1 << bits) - 1) / 2 * 1.01
+
+
+def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
+    sizes = {}
+    for dtype in ("float16", "int8", "int4"):
+        sizes[dtype] = save_cache(tmp_path / f"{dtype}.fkv", saved.cache, saved.manifest, dtype)
+    assert sizes["int4"] < sizes["int8"] < sizes["float16"]
+
+
+def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_path):  # noqa: F811
+    """The next-token logits after the question, from an int8 and a float32 file of one query-aware cache.
+
+    int8 moves each stored element by at most 1/510 of its group's range, so the logits should move
+    by a small share of their spread: measured 0.36% here; the bound, 2%, leaves five times that for
+    other seeds and models, and the top token must not change.
+    """
+    built = build(engine, document, budget="20%", query_aware=True)
+    ids = engine.loaded.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    logits = {}
+    for dtype in ("float32", "int8"):
+        save_cache(tmp_path / f"{dtype}.fkv", built.cache, built.manifest, dtype)
+        cache, manifest = load_cache(tmp_path / f"{dtype}.fkv", "cpu", torch.float32)
+        logits[dtype] = engine.append_question(SavedContext(cache, manifest, RunStats()), ids)[1].reshape(-1)
+    spread = (logits["float32"].max() - logits["float32"].min()).item()
+    assert (logits["int8"] - logits["float32"]).abs().max().item() <= 0.02 * spread
+    assert logits["int8"].argmax() == logits["float32"].argmax()
+
+
+def test_a_version_3_file_still_loads(saved, tmp_path):  # noqa: F811
+    path = save_cache(tmp_path / "v4.fkv", saved.cache, saved.manifest, "float16") and tmp_path / "v4.fkv"
+
+    def as_version_3(manifest):
+        manifest["format_version"] = 3
+        del manifest["quantization"]
+
+    old = rewrite_manifest(path, tmp_path / "v3.fkv", as_version_3)
+    cache, manifest = load_cache(old)
+    assert manifest["format_version"] == 3 and manifest["quantization"] is None
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, load_cache(path)[0].layers, strict=True))
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+def change(name: str, edit):
+    return lambda tensors: tensors.update({name: edit(tensors[name].clone())})
+
+
+def put(value):
+    def edit(tensor):
+        tensor.view(-1)[0] = value
+        return tensor
+
+    return edit
+
+
+BAD_TENSORS = {
+    "nan-scale": (change("layers.1.values.scale", put(float("nan"))), "layers.1.values.scale holds NaN"),
+    "infinite-scale": (change("layers.0.keys.scale", put(float("inf"))), "layers.0.keys.scale holds NaN or infinite"),
+    "infinite-zero": (change("paused.hidden.zero", put(float("-inf"))), "paused.hidden.zero holds NaN or infinite"),
+    "zero-scale": (change("paused.queries.scale", put(0.0)), "paused.queries.scale holds scales that are not positive"),
+    "scale-of-wrong-shape": (
+        change("layers.0.values.scale", lambda t: t[:, :-1].contiguous()),
+        "layers.0.values.scale has the wrong shape",
+    ),
+    "scale-in-float32": (
+        change("layers.0.keys.scale", lambda t: t.float()),
+        "layers.0.keys.scale has the wrong shape or dtype",
+    ),
+    "codes-of-wrong-length": (change("layers.1.keys", lambda t: t.reshape(-1)[:-1]), "layers.1.keys should hold"),
+    "codes-in-int8": (change("paused.hidden", lambda t: t.view(torch.int8)), "paused.hidden should hold"),
+    "missing-zero": (lambda tensors: tensors.pop("layers.2.values.zero"), "the tensors do not match"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS, ids=list(BAD_TENSORS))
+def test_a_bad_quantized_tensor_is_refused_naming_it(quantized_file, tmp_path, case):
+    edit, cause = BAD_TENSORS[case]
+    path = rewrite_tensors(quantized_file, tmp_path / "bad.fkv", edit)
+    assert cause in refusal(load_cache, path)
+
+
+def assign_quantization(key, value):
+    return lambda manifest: manifest["quantization"].update({key: value})
+
+
+BAD_SCHEMES = {
+    "group-not-dividing": (assign_quantization("group_size", 12), "group_size 12 does not divide model.head_dim 16"),
+    "group-zero": (assign_quantization("group_size", 0), "group_size 0 does not divide"),
+    "bits-of-another-dtype": (assign_quantization("bits", 2), "manifest.quantization.bits is 2"),
+    "unknown-grouping": (assign_quantization("key_groups", "heads"), "unknown grouping"),
+    "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
+    "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCHEMES, ids=list(BAD_SCHEMES))
+def test_a_bad_quantization_scheme_is_refused(quantized_file, tmp_path, case):
+    edit, cause = BAD_SCHEMES[case]
+    path = rewrite_manifest(quantized_file, tmp_path / "bad.fkv", edit)
+    assert cause in refusal(load_cache, path)
+
+
+def test_the_checksum_covers_the_codes_as_stored(quantized_file, tmp_path):
+    path = rewrite_tensors(quantized_file, tmp_path / "bad.fkv", change("layers.0.keys", lambda t: t ^ 1), rehash=False)
+    assert "checksum" in refusal(load_cache, path)
+
+
+def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):  # noqa: F811
+    from core.engine import build_summary
+
+    summary = build_summary(saved, "c.fkv", 1000, 0.5, "int4")
+    assert {"output", "file_bytes", "save_s", "prefill_s", "kept_tokens_per_layer"} <= set(summary)
+    assert summary["kind"] == "one-stage" and summary["cache_dtype"] == "int4"
+    assert summary["quantization"]["bits"] == 4
+    assert summary["file_share_of_fullkv_float16"] == 1000 / summary["fullkv_float16_bytes"]
