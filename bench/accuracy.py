@@ -181,9 +181,9 @@ def run_ask(
 ) -> tuple[list[Outcome], Reference]:
     """Every ask variant of one item, REFERENCE first, from at most two recorded prefills."""
     ids = ask_ids(engine, item, settings.decoding)
-    recording_for = shared_recordings(partial(record_prefill, engine.runner, ids))
+    question = len(question_ids(engine, item.question))  # the scoring window of a question-window method
+    recording_for = shared_recordings(partial(record_prefill, engine.runner, ids, window=max(question, 8)))
     outcomes, ref = [], None
-    question = len(question_ids(engine, item.question))
     for variant in (v for v in settings.variants if v.mode == "ask"):
         method = variant_methods(variant, settings.stored_factor)[0].for_question(question)
         prefill, seconds = replay(engine.runner, recording_for(method), method)

@@ -207,11 +207,11 @@ def test_the_refusal_names_a_budget_and_a_truncation_that_fit(engine, monkeypatc
     document = make_document([DOC_TEXT])
     tokens, decoding = prompt_tokens(engine, document), Decoding(max_new_tokens=4)
     real = MemoryGuard.for_model(engine.loaded.model)
-    room = real.needed(real.estimate(tokens, make_method("snapkv", budget="30"), new_tokens=4))
+    room = real.needed(real.estimate(tokens, make_method("snapkv", budget="30", window=8), new_tokens=4))
     with_free_memory(monkeypatch, engine, room)  # a 30-token budget fits; 90% does not
 
-    with pytest.raises(MemoryLimitError) as error:
-        engine.ask([document], QUESTION, make_method("snapkv", budget="90%"), decoding)
+    with pytest.raises(MemoryLimitError) as error:  # (window 8: the smallest budget suggested is the window)
+        engine.ask([document], QUESTION, make_method("snapkv", budget="90%", window=8), decoding)
 
     message = str(error.value)
     budget = int(re.search(r"--budget (\d+) fits", message)[1])

@@ -45,7 +45,7 @@ def document() -> Document:
 
 
 def build(engine: Engine, document: Document, budget: str = "50%", query_budget: str | None = None, **kw):
-    method = make_method("fastkv", budget=budget)
+    method = make_method("fastkv", budget=budget, window=8)  # a fixed window: query-aware files hold queries
     query = None if query_budget is None else Budget.parse(query_budget)
     return engine.build([document], method, query, reserved=RESERVED, **kw)
 
@@ -777,7 +777,7 @@ def test_a_query_aware_cache_answers_exactly_as_ask(engine, document, tmp_path, 
     decoding = Decoding(max_new_tokens=8)
 
     answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, Budget.parse(budget or "20%"), decoding)
-    asked = engine.ask([document], QUESTION, make_method("fastkv", budget=budget or "20%"), decoding)
+    asked = engine.ask([document], QUESTION, make_method("fastkv", budget=budget or "20%", window=8), decoding)
 
     assert token_log[0] == token_log[1] and answer.text == asked.text
     assert answer.stats.kept_tokens_per_layer == asked.stats.kept_tokens_per_layer

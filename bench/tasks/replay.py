@@ -97,6 +97,8 @@ def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefil
     (the recorded prefill's, up to where the method's own work starts, plus that work)."""
     if not propagates_alike(method, recording.inner, recording.cache.seq_len):
         raise ValueError(f"{method} does not propagate like the recorded {recording.inner}")
+    if getattr(method, "scoring_window", 0) > recording.windows[0].shape[1]:
+        raise ValueError(f"{method} scores with more queries than the recording kept")
     cache, start = recording.cache, time.perf_counter()
     layers = []
     for i, (layer, q) in enumerate(zip(cache.layers, recording.windows, strict=True)):
