@@ -22,6 +22,7 @@ from core.progress import Progress, no_progress
 
 CACHE_SUFFIX = ".fkv"
 WORKER_ATTEMPTS = 3  # runs of one item on workers that died under it before it is reported as failed
+STOP_WAIT_S = 10.0  # an interrupted run waits this long for its killed workers to be gone
 TextCallback = Callable[[str], None]
 
 
@@ -343,14 +344,15 @@ def run_ray(
                     item.index, item.name, error=f"the Ray workers running it died ({error})", exit_code=1
                 )
             on_outcome(outcome)
-    finally:
-        for slot, item in pending.values():
-            ray.kill(actors[slot], no_restart=True)
-            remove_partial(task, item)
+    finally:  # Ctrl-C or an error: stop every worker, and only then remove what the busy ones were writing
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        if pending:  # ray.kill returns at once; a killed worker's task ends (RayActorError) once it is gone
+            ray.wait(list(pending), num_returns=len(pending), timeout=STOP_WAIT_S)
         if started_here:
-            ray.shutdown()
+            ray.shutdown()  # the local runtime and every worker process it started
+        for _, item in pending.values():
+            remove_partial(task, item)
 
 
 def start_ray(ray, address: str | None) -> None:
