@@ -5,7 +5,7 @@ python bench/sweep.py [--half tuning|held-out] [--policies NAME ...] [--tasks pa
     [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write]
 
 Every policy (POLICIES: budget as a share, a floor or both, TSP rate and layer, scoring window, pooling
-kernels, snapkv, and the defaults old and new) answers every item of the half with the question ending the
+kernels, head-adaptive budgets (adakv, and fastkv's cache selection), snapkv, and the defaults old and new) answers every item of the half with the question ending the
 prompt, as `fastkv ask` does. The halves are fixed (bench/tasks: items alternate by their index within a
 document, and by depth and length for passkeys): settings are chosen on `tuning`, claims are made on
 `held-out`.
@@ -82,6 +82,10 @@ POLICIES = [
     Policy("20%, TSP at 2/3 depth", "fastkv", {"budget": "20%", "window": Q}, tsp_depth=2 / 3),
     Policy("snapkv 20%", "snapkv", {"budget": "20%", "window": Q}),
     Policy("snapkv 40%", "snapkv", {"budget": "40%", "window": Q}),
+    Policy("adakv 20%", "adakv", {"budget": "20%", "window": Q}),
+    Policy("adakv 40%", "adakv", {"budget": "40%", "window": Q}),
+    Policy("10%, head-adaptive", "fastkv", {"budget": "10%", "window": Q, "head_budget": "adaptive"}),
+    Policy("default, head-adaptive", DEFAULT_METHOD, {"head_budget": "adaptive"}),
 ]
 BY_NAME = {policy.name: policy for policy in POLICIES}
 

@@ -5,17 +5,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+EMPTY = -1  # the position of an empty slot
+
 
 class LayerKV:
     """One layer's cache: per KV head, the kept keys, values and their original positions.
 
     Appending writes into spare room at the end of the buffers (grown by a share of the length
-    when full), so decoding does not copy the whole cache for every new token.
+    when full), so decoding does not copy the whole cache for every new token. Heads may keep
+    different numbers of tokens (head-adaptive budgets, AdaKV): each head's row is then padded at
+    its start with empty slots (position EMPTY, zero keys and values) that attention never sees, so
+    positions still increase along every row and appending stays the same for all heads.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor):
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor, padded: bool = False):
         self.buffers = (keys, values, positions)  # [kv_heads, capacity, head_dim] x2, [kv_heads, capacity]
         self.length = keys.shape[1]
+        self.padded = padded  # whether any slot may be empty
 
     @property
     def keys(self) -> Tensor:  # [kv_heads, n, head_dim], RoPE already applied
@@ -30,21 +36,44 @@ class LayerKV:
         return self.buffers[2][:, : self.length]
 
     @property
+    def valid(self) -> Tensor | None:  # [kv_heads, n] bool, False at empty slots; None when none is empty
+        return self.positions != EMPTY if self.padded else None
+
+    @property
+    def kept(self) -> int:
+        """Tokens kept per KV head, averaged over the heads (empty slots not counted)."""
+        if not self.padded:
+            return self.length
+        return round(int(self.valid.sum()) / self.positions.shape[0])
+
+    @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
     def select(self, index: Tensor) -> "LayerKV":
-        """Keep, per KV head, the tokens at `index` ([kv_heads, m], sorted) of this layer."""
-        gather = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
-        return LayerKV(self.keys.gather(1, gather), self.values.gather(1, gather), self.positions.gather(1, index))
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "LayerKV":
+        """Keep, per KV head, the slots at `index` ([kv_heads, m], sorted); an index of EMPTY there
+        (only at the start of a row) makes an empty slot."""
+        empty = index == EMPTY
+        if not bool(empty.any()):
+            gather = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+            picked = (self.keys.gather(1, gather), self.values.gather(1, gather), self.positions.gather(1, index))
+            return LayerKV(*picked, padded=self.padded)
+        slots = index.clamp(min=0)
+        gather = slots.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+        zero = empty.unsqueeze(-1)
         return LayerKV(
-            self.keys.to(device, dtype), self.values.to(device, dtype), self.positions.to(device, torch.long)
+            self.keys.gather(1, gather).masked_fill(zero, 0),
+            self.values.gather(1, gather).masked_fill(zero, 0),
+            self.positions.gather(1, slots).masked_fill(empty, EMPTY),
+            padded=True,
         )
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "LayerKV":
+        moved = self.keys.to(device, dtype), self.values.to(device, dtype), self.positions.to(device, torch.long)
+        return LayerKV(*moved, padded=self.padded)
+
     def clone(self) -> "LayerKV":
-        return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone())
+        return LayerKV(self.keys.clone(), self.values.clone(), self.positions.clone(), padded=self.padded)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerKV":
         """Add new tokens in place and return self: keys/values [kv_heads, m, head_dim], positions [m]."""
@@ -114,7 +143,7 @@ class KVCache:
 
     @property
     def kept_tokens_per_layer(self) -> list[int]:
-        return [layer.length for layer in self.layers]
+        return [layer.kept for layer in self.layers]
 
     def without_last(self, n: int) -> "KVCache":
         """The cache as it was before its last n tokens (which every layer keeps, in order, at the end)."""
@@ -134,7 +163,7 @@ class KVCache:
 
 def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:
     """For each [start, end) span of positions, the share of its tokens the cache keeps, averaged
-    over layers and KV heads."""
+    over layers and KV heads (empty slots are at position EMPTY, outside every span)."""
     shares = []
     for start, end in page_spans:
         kept = sum(((layer.positions >= start) & (layer.positions < end)).sum().item() for layer in cache.layers)

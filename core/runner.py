@@ -70,9 +70,10 @@ class Runner:
 
         The queries are the last q.shape[1] of the keys' tokens: `causal` (prefill) or an explicit
         `mask` (appended tokens) says so to SDPA; flash-attn's causal mask is aligned bottom-right,
-        which is that same mask in both cases.
+        which is that same mask in both cases. A per-head mask ([heads, n, keys]: a cache with empty
+        slots) goes to SDPA.
         """
-        if self.flash is not None:
+        if self.flash is not None and (mask is None or mask.dim() == 2):
             o = self.flash(
                 q.transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
@@ -159,11 +160,15 @@ class Runner:
             cached = cache.layers[i].length
             layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
             mask = appended_mask(h.shape[0], layer_kv.length, ids.device)  # past a resume: more than n tokens
+            valid = layer_kv.valid  # [kv_heads, keys]; None: no empty slots
+            if valid is not None:
+                mask = per_head_mask(valid, self.num_heads // self.num_kv_heads, mask)
             h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
             selection = Selection()
             if method is not None:
                 scoring = q if cache.paused is None else cache.paused.window_queries(i, q)
-                selection = method.select(LayerInput(i, self.num_layers, cache.seq_len + n, scoring, layer_kv.keys))
+                context = LayerInput(i, self.num_layers, cache.seq_len + n, scoring, layer_kv.keys, valid)
+                selection = method.select(context)
                 if selection.keep is not None:
                     cache.layers[i] = layer_kv.select(selection.keep)
             if cache.paused is not None and i == cache.paused.layer:
@@ -198,3 +203,10 @@ def appended_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor | Non
     mask = torch.ones(n_new, n_keys, dtype=torch.bool, device=device)
     mask[:, n_keys - n_new :] = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
     return mask
+
+
+def per_head_mask(valid: Tensor, group: int, mask: Tensor | None) -> Tensor:
+    """[heads, n_new or 1, n_keys] bool: `mask` ([n_new, n_keys] or None) and, for each query head, the
+    slots its KV head (valid: [kv_heads, n_keys]) holds a token in; query head h reads KV head h // group."""
+    visible = valid.repeat_interleave(group, dim=0).unsqueeze(1)
+    return visible if mask is None else visible & mask

@@ -18,14 +18,14 @@ from safetensors.torch import save
 
 from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
-from core.kvcache import KVCache, LayerKV, Paused, page_coverage
+from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
 from core.quant import BITS, PARAM_DTYPE, Quantized, dequantize, group_size, param_shape, quantize, stored_numel
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
-# version 3's were never quantized
-READABLE_VERSIONS = (1, 2, 3, 4)
+# version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -441,11 +441,16 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
         if positions.dtype != torch.int32 or keys.dtype != stored or values.dtype != stored:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
-        if n and (positions.min() < 0 or positions.max() >= manifest["context_tokens"]):
+        lowest = EMPTY if manifest["format_version"] >= 5 else 0
+        if n and (positions.min() < lowest or positions.max() >= manifest["context_tokens"]):
             raise CacheFileError(f"{path}: layer {i} has positions outside the context")
-        if not (positions[:, 1:] > positions[:, :-1]).all():
+        empty = positions == EMPTY
+        # empty slots (head-adaptive budgets) only start a row, and a head keeps some token
+        if (empty[:, 1:] & ~empty[:, :-1]).any() or (n and empty[:, -1].any()):
+            raise CacheFileError(f"{path}: layer {i} has empty slots after its tokens")
+        if not (positions[:, 1:] > positions[:, :-1])[~empty[:, :-1]].all():
             raise CacheFileError(f"{path}: layer {i} has positions out of order")
-        layers.append(LayerKV(keys, values, positions))
+        layers.append(LayerKV(keys, values, positions, padded=bool(empty.any())))
     return layers
 
 

@@ -26,7 +26,7 @@ Truncate = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer on stdout, nothing else there.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
-MethodName = Annotated[str, typer.Option("--method", help="fastkv, fullkv, snapkv, streamingllm or gemfilter.")]
+MethodName = Annotated[str, typer.Option("--method", help="fastkv, fullkv, snapkv, adakv, streamingllm or gemfilter.")]
 Budget = Annotated[
     str | None,
     typer.Option(
@@ -43,11 +43,11 @@ TspRate = Annotated[
         help="fastkv: tokens propagated past --tsp-layer, share (20%) or count [default: 20%; a larger --budget propagates the budget]."
     ),
 ]
-Pooling = Annotated[str | None, typer.Option(help="fastkv/snapkv: avgpool or maxpool over the window scores.")]
+Pooling = Annotated[str | None, typer.Option(help="fastkv/snapkv/adakv: avgpool or maxpool over the window scores.")]
 Window = Annotated[
     str | None,
     typer.Option(
-        help="fastkv/snapkv: how many last queries score the tokens, or 'question': every token of the question "
+        help="fastkv/snapkv/adakv: how many last queries score the tokens, or 'question': every token of the question "
         "and the chat template after it [default: question; 8 for a cache built without one]."
     ),
 ]

@@ -209,7 +209,16 @@ def test_ask_answers_equal_engine_ask_for_every_method_and_budget(tiny_engine, t
     assert outcomes[0].same and outcomes[0].kl == 0.0 and ref.text == outcomes[0].answer
 
 
-SWEPT = ["fullkv", "old default (10%, window 8)", "20%", "20%,2048", "20%, TSP at 2/3 depth", "snapkv 40%"]
+SWEPT = [
+    "fullkv",
+    "old default (10%, window 8)",
+    "20%",
+    "20%,2048",
+    "20%, TSP at 2/3 depth",
+    "snapkv 40%",
+    "adakv 20%",
+    "10%, head-adaptive",
+]
 
 
 def test_sweep_answers_equal_engine_ask_for_every_policy(tiny_engine, tiny_items):

@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import core.methods
 from core.errors import InputError
 from core.generation import generate
+from core.kvcache import EMPTY
 from core.methods import Budget, LayerInput, make_method
 from core.methods.fastkv import FastKV
 from core.methods.gemfilter import GemFilter
@@ -31,7 +32,7 @@ PROMPT = 200  # tokens of the compressed prompts: budgets below are well inside 
 SEED = 7
 
 # Every registered method, easiest first (kvpress style); tests take the ones their property fits.
-METHODS = ["fullkv", "streamingllm", "snapkv", "gemfilter", "fastkv"]
+METHODS = ["fullkv", "streamingllm", "snapkv", "adakv", "gemfilter", "fastkv"]
 PER_LAYER = ["streamingllm", "snapkv", "fastkv"]  # cache a budget per layer and KV head
 BUDGETS = ["10%", "25%", "40"]
 
@@ -203,8 +204,9 @@ def test_no_compression_under_budget(tiny_model, name, length):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_cache_is_stored_per_kv_head_in_position_order(tiny_model, name):
-    """Whatever a method keeps: kv_heads rows (never repeat_kv'd), positions strictly increasing, the
-    window (last 8 prompt tokens) kept, and seq_len the next position."""
+    """Whatever a method keeps: kv_heads rows (never repeat_kv'd), positions strictly increasing after
+    the empty slots that may start a row (adakv), the window (last 8 prompt tokens) kept, and seq_len
+    the next position."""
     config = tiny_model.config
     prefill = Runner(tiny_model).prefill(random_ids(PROMPT), make_method(name))
     cache = prefill.cache
@@ -216,8 +218,11 @@ def test_cache_is_stored_per_kv_head_in_position_order(tiny_model, name):
         assert kv_heads == config.num_key_value_heads
         assert layer.keys.shape == layer.values.shape == (kv_heads, n, config.head_dim)
         assert layer.positions.dtype == torch.long
-        assert (layer.positions.diff(dim=1) > 0).all()
-        assert (layer.positions >= 0).all() and (layer.positions < cache.seq_len).all()
+        empty = layer.positions == EMPTY
+        assert layer.padded or not empty.any()
+        assert not (empty[:, 1:] & ~empty[:, :-1]).any()  # empty slots only start a row
+        assert (layer.positions.diff(dim=1)[~empty[:, :-1]] > 0).all()
+        assert (layer.positions[~empty] >= 0).all() and (layer.positions < cache.seq_len).all()
         window = torch.arange(cache.seq_len - WINDOW, cache.seq_len)
         assert torch.equal(layer.positions[:, -WINDOW:], window.expand(kv_heads, -1))
 

@@ -89,7 +89,7 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == 4 and manifest["quantization"]["group_size"] == 16
+    assert manifest["format_version"] == 5 and manifest["quantization"]["group_size"] == 16
     pairs = [(a.keys, b.keys) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(a.values, b.values) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden)]

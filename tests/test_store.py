@@ -16,7 +16,7 @@ from core.documents import Document
 from core.engine import Engine, SavedContext
 from core.errors import CacheFileError, FastKVError, InputError
 from core.generation import Decoding
-from core.kvcache import KVCache
+from core.kvcache import EMPTY, KVCache
 from core.methods import Budget, make_method
 from core.models import LoadedModel, load_model
 from core.prompt import encode_question
@@ -111,7 +111,7 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 4, "dtype": "float32", "quantization": None})
+    expected = json_roundtrip({**saved.manifest, "format_version": 5, "dtype": "float32", "quantization": None})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +311,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(5, "format_version"), "format version 5"),
+    "future-version": (assign(6, "format_version"), "format version 6"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
@@ -445,7 +445,19 @@ def out_of_range(positions):
 
 def negative(positions):
     positions = positions.clone()
-    positions[1, 0] = -1
+    positions[1, 0] = -2  # -1 starting a row is an empty slot (head-adaptive budgets)
+    return positions
+
+
+def empty_after_a_token(positions):
+    positions = positions.clone()
+    positions[1, 1] = EMPTY
+    return positions
+
+
+def empty_slots(positions):
+    positions = positions.clone()
+    positions[0, :2] = EMPTY
     return positions
 
 
@@ -483,6 +495,10 @@ TENSOR_CASES = {
         "layer 1 has positions outside the context",
     ),
     "negative-position": (update("layers.0.positions", negative), "layer 0 has positions outside the context"),
+    "empty-slot-after-a-token": (
+        update("layers.0.positions", empty_after_a_token),
+        "layer 0 has empty slots after its tokens",
+    ),
 }
 
 
@@ -826,3 +842,12 @@ def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document)
 def test_gemfilter_is_refused_by_build(engine, document):
     with pytest.raises(InputError, match="gemfilter"):
         engine.build([document], make_method("gemfilter"), None, reserved=RESERVED)
+
+
+def test_empty_slots_are_refused_in_a_file_older_than_version_5(cache_file, tmp_path):
+    """Version 5 brought head-adaptive caches, whose rows may start with empty slots; before it, a
+    position of -1 is a corrupt file."""
+    padded = rewrite_tensors(cache_file, tmp_path / "padded.fkv", update("layers.0.positions", empty_slots))
+    assert load_cache(padded)[0].layers[0].padded  # as version 5: two empty slots
+    older = rewrite_manifest(padded, tmp_path / "v4.fkv", assign(4, "format_version"))
+    assert "layer 0 has positions outside the context" in refusal(load_cache, older)

@@ -3,10 +3,10 @@
 A method's prefill trajectory (the hidden states each layer computes) depends only on which tokens
 propagate, never on how many tokens enter the cache. So:
 
-- fullkv, snapkv and streamingllm (an exact prefill, then per-layer selection) replay one full
+- fullkv, snapkv, adakv and streamingllm (an exact prefill, then per-layer selection) replay one full
   prefill; gemfilter replays it up to its filter layer, then prefills the chosen tokens again;
-- fastkv at every budget up to its tsp_rate replays one fastkv prefill (what propagates depends on
-  tsp_layer and tsp_rate, and on the budget only where that is larger).
+- fastkv at every budget up to its tsp_rate, uniform or head-adaptive, replays one fastkv prefill (what
+  propagates depends on tsp_layer and tsp_rate, and on the budget only where that is larger).
 
 A recording caches every token each layer saw and keeps each layer's last `window` queries; a
 replay calls the method's own `select` on them, layer by layer, against the recorded keys, exactly
@@ -63,10 +63,12 @@ class Recording:
 def propagates_alike(method: Method, inner: Method, context_len: int) -> bool:
     """Whether `method` sends the same tokens to deeper layers as `inner` on a prompt of `context_len`
     tokens (only then is a replay exact). For fastkv the budget matters only where it is larger than
-    tsp_rate: then it is what propagates."""
+    tsp_rate: then it is what propagates; how the cache's budget is shared across heads never does."""
     if not method.propagates:
         return not inner.propagates
-    if type(method) is not type(inner) or replace(method, budget=inner.budget, tsp_rate=inner.tsp_rate) != inner:
+    if type(method) is not type(inner):
+        return False
+    if replace(method, budget=inner.budget, tsp_rate=inner.tsp_rate, head_budget=inner.head_budget) != inner:
         return False
     return method.propagated_tokens(context_len) == inner.propagated_tokens(context_len)
 
@@ -102,7 +104,7 @@ def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefil
     cache, start = recording.cache, time.perf_counter()
     layers = []
     for i, (layer, q) in enumerate(zip(cache.layers, recording.windows, strict=True)):
-        selection = method.select(LayerInput(i, len(cache.layers), cache.seq_len, q, layer.keys))
+        selection = method.select(LayerInput(i, len(cache.layers), cache.seq_len, q, layer.keys, layer.valid))
         if selection.restart is not None:  # gemfilter: the same call the runner makes
             if recording.ids is None:
                 raise ValueError(f"{method.name} prefills again, which a saved context cannot")

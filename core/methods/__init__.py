@@ -1,6 +1,7 @@
 """Token-selection methods, registered by name."""
 
 from core.errors import InputError
+from core.methods.adakv import AdaKV
 from core.methods.base import Budget, LayerInput, Method, PauseAfter, Selection
 from core.methods.fastkv import FastKV
 from core.methods.fullkv import FullKV
@@ -8,7 +9,7 @@ from core.methods.gemfilter import GemFilter
 from core.methods.snapkv import SnapKV
 from core.methods.streamingllm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, StreamingLLM, GemFilter)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, AdaKV, StreamingLLM, GemFilter)}
 DEFAULT_METHOD = "fastkv"
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "PauseAfter", "Selection", "make_method"]

@@ -75,6 +75,7 @@ class LayerInput:
     context_len: int  # tokens of the whole prompt, whatever this layer still sees
     q: Tensor  # [heads, n, head_dim], after RoPE
     k: Tensor  # [kv_heads, n, head_dim], after RoPE
+    valid: Tensor | None = None  # [kv_heads, n] bool: False at a head-adaptive cache's empty slots
 
     @property
     def present(self) -> int:
@@ -85,7 +86,7 @@ class LayerInput:
 class Selection:
     """A method's answer for one layer; None everywhere means: keep everything, change nothing."""
 
-    keep: Tensor | None = None  # [kv_heads, m] sorted token indices entering this layer's cache
+    keep: Tensor | None = None  # [kv_heads, m] sorted token indices entering this layer's cache; EMPTY pads a row
     propagate: Tensor | None = None  # [m'] sorted token indices the next layers run on (TSP)
     restart: Tensor | None = None  # [m''] sorted token ids to prefill again with fresh positions
     pause: bool = False  # stop the prefill after this layer, holding every token's hidden state
@@ -262,11 +263,15 @@ class ScoredMethod(Method):
             return Selection()
         scores = self.scores(layer)  # [kv_heads, present - window]
         return Selection(
-            keep=None if kept is None else top_tokens(scores, kept, self.scoring_window),
+            keep=None if kept is None else self.keep_tokens(scores, kept),
             propagate=None
             if propagated is None
             else top_tokens(self.propagation_scores(layer, scores), propagated, self.scoring_window)[0],
         )
+
+    def keep_tokens(self, scores: Tensor, count: int) -> Tensor:
+        """[kv_heads, count]: what each KV head caches, given its scores [kv_heads, present - window]."""
+        return top_tokens(scores, count, self.scoring_window)
 
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
         """[1, present - window]: one ranking shared by every head for the tokens deeper layers run on."""

@@ -69,4 +69,5 @@ class FastKV(SnapKV):
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
         if self.tsp_kernel == self.kernel:
             return super().propagation_scores(layer, scores)
-        return window_scores(layer.q, layer.k, self.scoring_window, self.pooling, self.tsp_kernel).sum(0, keepdim=True)
+        scores = window_scores(layer.q, layer.k, self.scoring_window, self.pooling, self.tsp_kernel, layer.valid)
+        return scores.sum(0, keepdim=True)
