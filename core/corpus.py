@@ -360,8 +360,8 @@ def start_ray(ray, address: str | None) -> None:
 
     kwargs = {"log_to_driver": False, "logging_level": logging.ERROR}
     try:
-        if address is None:
-            ray.init(include_dashboard=False, **kwargs)
+        if address is None:  # "local": a runtime of its own, never a cluster that RAY_ADDRESS or `ray start` names
+            ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as error:

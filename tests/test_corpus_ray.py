@@ -118,9 +118,11 @@ def test_ctrl_c_on_a_ray_run_exits_130_keeps_finished_caches_and_stops_its_runti
     else:
         args = ["ask", *names, QUESTION, "--max-new-tokens", str(MAX_NEW)]
     mark = uuid.uuid4().hex  # inherited by every process the CLI starts: its Ray runtime and workers
+    # `--ray` alone starts a runtime of its own, whatever cluster RAY_ADDRESS names (here none answers)
+    env = {**os.environ, "FASTKV_RUN_MARK": mark, "RAY_ADDRESS": "127.0.0.1:9"}
     process = subprocess.Popen(
         [*fastkv_command(), *args, "--model", str(slow), "--json", "--ray", "--ray-workers", "2"],
-        cwd=tmp_path, env={**os.environ, "FASTKV_RUN_MARK": mark}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, preexec_fn=default_sigint, start_new_session=True,
     )  # fmt: skip
     first = process.stdout.readline()  # one document is done, the other worker is busy: interrupt the run
