@@ -1,8 +1,9 @@
 """Accuracy of every method and budget on passkey retrieval and document QA, query-aware and from saved caches.
 
 python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
-    [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680] [--modes ask agnostic two-stage query-aware]
-    [--limit N] [--model M] [--tag NAME] [--no-write]
+    [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680]
+    [--modes ask agnostic two-stage query-aware every-token] [--cache-dtypes float16 int8 int4]
+    [--half tuning|held-out] [--limit N] [--model M] [--tag NAME] [--no-write]
 
 Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
 license texts at each prompt length, scored by exact digits; `docqa`, about 50 short factual questions on
@@ -13,10 +14,17 @@ Modes: `ask` puts the question at the end of the prompt (query-aware, as `fastkv
 builds a saved cache at the budget without the question, then appends it (`fastkv cache build` +
 `cache query`); `two-stage` builds at min(100%, 3 x budget) and lets each question re-select down to
 the budget (`--query-budget`); `query-aware` builds a cache paused at fastkv's TSP layer that each
-question resumes (`--query-aware`). gemfilter re-prefills with new positions, so it has no saved cache.
+question resumes (`--query-aware`); `every-token` builds a fullkv cache and lets each question select
+the budget from it (`--method fullkv --query-budget`: SnapKV with the question's own tokens).
+gemfilter re-prefills with new positions, so it has no saved cache. With `--cache-dtypes`, each saved
+cache is also written and read back in each storage dtype (`cache build --cache-dtype`), one variant
+per dtype; without it, the saved modes query the cache as built, in memory.
 Fidelity compares every answer with fullkv's `ask` answer to the same question: the share of equal
 greedy answers, and KL(fullkv || method) of the first answer token's distribution. It measures the
-compression itself, also where the small model answers wrongly.
+compression itself, also where the small model answers wrongly. A saved mode's answers are also
+compared with `ask`'s at the same method and budget (every-token: fastkv's, what `fastkv ask` runs).
+`--half` keeps one fixed half of the items (bench/tasks: settings are chosen on `tuning`, claims made
+on `held-out`, as bench/sweep.py does).
 
 Speed tricks, all exact (tests/test_bench_accuracy.py checks caches and logits bit for bit):
 - answers are short: greedy decoding stops after --max-new-tokens (24);
@@ -32,7 +40,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +49,7 @@ from common import Report, Table, cell, reduced_run, tag, write_section
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from tasks import Item, docqa, passkey
+from tasks import HALVES, Item, docqa, passkey
 from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings
 from tasks.scoring import Score, score
 from torch import Tensor
@@ -50,16 +58,17 @@ from core.engine import Engine, SavedContext
 from core.errors import FastKVError
 from core.generation import Decoding, generate
 from core.kvcache import KVCache
-from core.methods import METHODS, Budget, Method, make_method
+from core.methods import DEFAULT_METHOD, METHODS, Budget, Method, make_method
 from core.methods.fullkv import FullKV
 from core.prompt import encode_question
-from core.store import load_cache, save_cache
+from core.store import STORAGE_DTYPES, load_cache, save_cache
 
 TASKS = ("passkey", "docqa")
 DEFAULT_METHODS = ["fullkv", "fastkv", "snapkv", "streamingllm", "gemfilter"]
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 7680]
-MODES = ("ask", "agnostic", "two-stage", "query-aware")
+MODES = ("ask", "agnostic", "two-stage", "query-aware", "every-token")
+SAVED_TARGETS = {"points": 1.0, "same_as_ask": 90.0}  # #13: within 1 point of ask, ask's answer on ≥ 90% of items
 MAX_NEW_TOKENS = 24
 STORED_FACTOR = 3.0
 TARGET_BUDGET = "20%"
@@ -67,15 +76,34 @@ TARGET_BUDGET = "20%"
 
 @dataclass(frozen=True)
 class Variant:
-    """How one answer is produced: mode, method and final budget (None: fullkv)."""
+    """How one answer is produced: mode, method, final budget (None: fullkv) and, for a saved mode, the
+    storage dtype its cache goes through (None: queried in memory as built)."""
 
     mode: str
     method: str
     budget: Budget | None = None
+    dtype: str | None = None
 
     @property
     def budget_label(self) -> str:
         return "—" if self.budget is None else str(self.budget)
+
+    @property
+    def dtype_label(self) -> str:
+        return "—" if self.dtype is None else self.dtype
+
+    @property
+    def asked(self) -> "Variant | None":
+        """The ask variant a saved one is compared with: same method and budget (every-token: `ask`'s
+        default method at the budget); None for an ask variant."""
+        if self.mode == "ask":
+            return None
+        return Variant("ask", DEFAULT_METHOD if self.mode == "every-token" else self.method, self.budget)
+
+    @property
+    def build(self) -> "Variant":
+        """The build this variant's cache comes from, whatever dtype it is stored in."""
+        return replace(self, dtype=None)
 
 
 REFERENCE = Variant("ask", "fullkv")  # every answer's fidelity is measured against it
@@ -90,14 +118,16 @@ class Outcome:
     same: bool  # greedy answer equal to fullkv's ask answer
     kl: float  # KL(fullkv ask || this) of the first answer token's distribution
     prefill_s: float  # ask: context + question; saved modes: the document's build
+    same_as_ask: bool | None = None  # a saved mode: equal to its `asked` variant's answer (None: not run)
 
 
 @dataclass(frozen=True)
 class Reference:
-    """fullkv's ask answer to one item: its text and first-token logits [vocab]."""
+    """fullkv's ask answer to one item: its text and first-token logits [vocab]; and every ask variant's answer."""
 
     text: str
     logits: Tensor
+    asked: dict = field(default_factory=dict)  # Variant -> answer text
 
 
 @dataclass(frozen=True)
@@ -105,7 +135,6 @@ class Settings:
     variants: list[Variant]
     decoding: Decoding
     stored_factor: float
-    cache_dtype: str | None = None  # saved modes: round-trip each cache through a file in this dtype
 
 
 def stored_budget(budget: Budget, factor: float) -> Budget:
@@ -119,18 +148,25 @@ def variant_methods(variant: Variant, factor: float) -> tuple[Method, Budget | N
     """The method to prefill or build with, and the budget a saved cache's query re-selects to."""
     if variant.budget is None:
         return FullKV(), None
+    if variant.mode == "every-token":
+        return FullKV(), variant.budget
     if variant.mode == "two-stage":
         return make_method(variant.method, budget=stored_budget(variant.budget, factor)), variant.budget
     return make_method(variant.method, budget=variant.budget), None
 
 
-def plan(methods: list[str], budgets: list[Budget], modes: list[str]) -> list[Variant]:
-    """fullkv ask first (always: it is the reference), then every method, budget and mode asked for."""
+def plan(
+    methods: list[str], budgets: list[Budget], modes: list[str], dtypes: list[str | None] = (None,)
+) -> list[Variant]:
+    """fullkv ask first (always: it is the reference), then every method, budget and mode asked for, each
+    saved mode in every storage dtype. every-token builds fullkv's cache whatever --methods says."""
     variants = [REFERENCE]
     for mode in modes:
         usable = [m for m in methods if m != "fullkv" and not (mode != "ask" and METHODS[m].restarts)]
         usable = [m for m in usable if mode != "query-aware" or METHODS[m].propagates]  # it pauses at TSP
-        variants += [Variant(mode, method, budget) for method in usable for budget in budgets]
+        usable = ["fullkv"] if mode == "every-token" else usable
+        stored = [None] if mode == "ask" else dtypes
+        variants += [Variant(mode, m, budget, dtype) for m in usable for budget in budgets for dtype in stored]
     return variants
 
 
@@ -141,6 +177,7 @@ def kl_divergence(reference: Tensor, logits: Tensor) -> float:
 
 
 def outcome(item: Item, variant: Variant, text: str, logits: Tensor, seconds: float, ref: Reference) -> Outcome:
+    asked = ref.asked.get(variant.asked)
     return Outcome(
         item,
         variant,
@@ -149,6 +186,7 @@ def outcome(item: Item, variant: Variant, text: str, logits: Tensor, seconds: fl
         text == ref.text,
         kl_divergence(ref.logits, logits),
         seconds,
+        None if asked is None else text == asked,
     )
 
 
@@ -191,21 +229,25 @@ def run_ask(
         ref = ref or Reference(text, prefill.logits)
         outcomes.append(outcome(item, variant, text, prefill.logits, seconds, ref))
         advance()
-    return outcomes, ref
+    return outcomes, replace(ref, asked={o.variant: o.answer for o in outcomes})
 
 
 def run_saved(
     engine: Engine, items: list[Item], refs: list[Reference], settings: Settings, advance: Callable[[], None]
 ) -> list[Outcome]:
-    """Every saved-cache variant for the items of one document: one build per variant, one query per item."""
+    """Every saved-cache variant for the items of one document: one build per method, budget and mode (shared
+    by its storage dtypes), one query per item."""
     reserved = max(len(question_ids(engine, item.question)) for item in items) + settings.decoding.max_new_tokens
     record = partial(record_build, engine, [items[0].document], reserved=reserved)
     recording_for = shared_recordings(record, recording_of=lambda built: built[1])
     paused = None  # one paused build serves every budget: it caches every token up to the TSP layer
+    built: tuple[Variant, SavedContext] | None = None  # plan() puts a build's storage dtypes one after another
     outcomes = []
     for variant in (v for v in settings.variants if v.mode != "ask"):
         method, query_budget = variant_methods(variant, settings.stored_factor)
-        if variant.mode == "query-aware":
+        if built is not None and built[0] == variant.build:
+            saved = built[1]
+        elif variant.mode == "query-aware":
             if paused is None:
                 paused = engine.build([items[0].document], method, None, reserved=reserved, query_aware=True)
             manifest = {**paused.manifest, "method": {"name": method.name, "parameters": method.parameters()}}
@@ -213,8 +255,9 @@ def run_saved(
         else:
             method = method.for_question(None)  # as engine.build resolves a question-blind build
             saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
-        if settings.cache_dtype is not None:
-            saved = stored(engine, saved, settings.cache_dtype)
+        built = variant.build, saved
+        if variant.dtype is not None:
+            saved = stored(engine, saved, variant.dtype)
         for item, ref in zip(items, refs, strict=True):
             text, logits = query(engine, saved, item.question, settings.decoding)
             outcomes.append(outcome(item, variant, text, logits, saved.stats.prefill_s, ref))
@@ -270,6 +313,7 @@ class Summary:
     same: float  # % of answers equal to fullkv's ask answer
     kl: float  # mean KL(fullkv ask || method) of the first answer token
     prefill_s: float  # mean
+    same_as_ask: float | None = None  # a saved mode: % of answers equal to its ask variant's
 
 
 def select(
@@ -293,6 +337,7 @@ def summarise(outcomes: list[Outcome]) -> Summary | None:
     if not outcomes:
         return None
     f1 = [o.score.f1 for o in outcomes if o.score.f1 is not None]
+    same_as_ask = [o.same_as_ask for o in outcomes if o.same_as_ask is not None]
     return Summary(
         len(outcomes),
         100 * mean(o.score.correct for o in outcomes),
@@ -300,6 +345,7 @@ def summarise(outcomes: list[Outcome]) -> Summary | None:
         100 * mean(o.same for o in outcomes),
         mean(o.kl for o in outcomes),
         mean(o.prefill_s for o in outcomes),
+        100 * mean(same_as_ask) if same_as_ask else None,
     )
 
 
@@ -317,21 +363,40 @@ def tasks_of(outcomes: list[Outcome]) -> list[str]:
 def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, minutes: float) -> Table:
     table = Table(
         title=f"Accuracy and fidelity per method, budget and mode ({engine.loaded.name}, {engine.loaded.dtype})",
-        headers=["task", "mode", "method", "budget", "n", "accuracy %", "F1 %", "same as fullkv %", "KL", "prefill s"],
-        text_columns=4,
+        headers=[
+            "task",
+            "mode",
+            "method",
+            "budget",
+            "storage",
+            "n",
+            "accuracy %",
+            "F1 %",
+            "same as ask %",
+            "same as fullkv %",
+            "KL",
+            "prefill s",
+        ],
+        text_columns=5,
     )
     for task in tasks_of(outcomes):
         for variant in settings.variants:
             s = summarise(select(outcomes, task, variant))
             if s is not None:
-                numbers = [cell(s.accuracy, 1), cell(s.f1, 1), cell(s.same, 1), f"{s.kl:.3g}", cell(s.prefill_s, 2)]
-                table.rows.append([task, variant.mode, variant.method, variant.budget_label, str(s.n), *numbers])
+                numbers = [cell(s.accuracy, 1), cell(s.f1, 1), cell(s.same_as_ask, 1), cell(s.same, 1),
+                           f"{s.kl:.3g}", cell(s.prefill_s, 2)]  # fmt: skip
+                labels = [task, variant.mode, variant.method, variant.budget_label, variant.dtype_label]
+                table.rows.append([*labels, str(s.n), *numbers])
     table.caption = (
         "ask: the question ends the prompt (query-aware). agnostic: a saved cache built at the budget without the "
         f"question. two-stage: built at min(100%, {settings.stored_factor:g}× budget), each question re-selects down "
         "to the budget. query-aware: built paused at the TSP layer, each question resumes it as ask would. "
+        "every-token: a fullkv cache, each question selects the budget from it (SnapKV with its own tokens). "
+        "storage: the saved cache written and read back in that dtype (—: queried in memory as built). "
         "accuracy: passkey digits exact / docqa normalised answer span contained in the answer; F1: token F1 "
-        "(docqa). same as fullkv: greedy answer identical to fullkv's ask answer; KL: mean KL(fullkv ask ‖ "
+        "(docqa). same as ask: a saved mode's greedy answer identical to ask's at the same method and budget "
+        f"(every-token: {DEFAULT_METHOD}'s). same as fullkv: greedy answer identical to fullkv's ask answer; KL: "
+        "mean KL(fullkv ask ‖ "
         "method) of the first answer token (0 for snapkv and streamingllm in ask mode: they compress after an exact "
         "prefill, so only later tokens can differ). "
         f"Greedy, at most {settings.decoding.max_new_tokens} new tokens. prefill s: "
@@ -404,15 +469,74 @@ def fidelity_check(outcomes: list[Outcome], budget: Budget) -> str:
     return verdict(None if s is None else s.same >= 70, target, "—" if s is None else f"{s.same:.1f}%, n={s.n}")
 
 
+def dtypes_of(outcomes: list[Outcome]) -> list[str | None]:
+    """The storage dtypes the saved modes ran in (None: in memory), at least [None]."""
+    return list(dict.fromkeys(o.variant.dtype for o in outcomes if o.variant.mode != "ask")) or [None]
+
+
 def saved_cache_checks(outcomes: list[Outcome], budget: Budget) -> list[str]:
     lines = []
     for mode in ("query-aware", "two-stage"):
-        for task in tasks_of(outcomes):
-            target = f"{task}: fastkv {mode} saved cache within 3 points of ask at {budget}"
-            asked = accuracy(outcomes, task, Variant("ask", "fastkv", budget))
-            saved = accuracy(outcomes, task, Variant(mode, "fastkv", budget))
-            ok = None if asked is None or saved is None else saved >= asked - 3
-            lines.append(verdict(ok, target, f"{mode} {fmt(saved)} vs ask {fmt(asked)}"))
+        for dtype in dtypes_of(outcomes):
+            stored = "" if dtype is None else f", {dtype} storage"
+            for task in tasks_of(outcomes):
+                target = f"{task}: fastkv {mode} saved cache{stored} within 3 points of ask at {budget}"
+                asked = accuracy(outcomes, task, Variant("ask", "fastkv", budget))
+                saved = accuracy(outcomes, task, Variant(mode, "fastkv", budget, dtype))
+                ok = None if asked is None or saved is None else saved >= asked - 3
+                lines.append(verdict(ok, target, f"{mode} {fmt(saved)} vs ask {fmt(asked)}"))
+    return lines
+
+
+def saved_variants(outcomes: list[Outcome]) -> list[Variant]:
+    return list(dict.fromkeys(o.variant for o in outcomes if o.variant.mode != "ask"))
+
+
+def default_candidate_checks(outcomes: list[Outcome]) -> list[str]:
+    """#13's bar for a default `cache build` + `cache query`, per saved variant compared with `fastkv ask`
+    at its budget: every task within 1 point of ask's accuracy, ask's answer on ≥ 90% of the items."""
+    lines = []
+    for variant in saved_variants(outcomes):
+        if variant.asked.method != DEFAULT_METHOD or not select(outcomes, variant=variant.asked):
+            continue
+        points = SAVED_TARGETS["points"]
+        scores = {
+            task: (accuracy(outcomes, task, variant), accuracy(outcomes, task, variant.asked))
+            for task in tasks_of(outcomes)
+        }
+        s = summarise(select(outcomes, variant=variant))
+        ok = all(saved >= asked - points for saved, asked in scores.values() if saved is not None)
+        ok = ok and s.same_as_ask is not None and s.same_as_ask >= SAVED_TARGETS["same_as_ask"]
+        stored = "in memory" if variant.dtype is None else f"{variant.dtype} storage"
+        target = (
+            f"{variant.mode} {variant.method} {variant.budget_label}, {stored}, as the default cache build: every "
+            f"task within {points:g} point of ask, ask's answer on ≥ {SAVED_TARGETS['same_as_ask']:g}% of items"
+        )
+        measured = [f"{task} {fmt(saved)} vs ask {fmt(asked)}" for task, (saved, asked) in scores.items()]
+        lines.append(verdict(ok, target, ", ".join([*measured, f"same as ask {fmt(s.same_as_ask)}%, n={s.n}"])))
+    return lines
+
+
+def storage_checks(outcomes: list[Outcome]) -> list[str]:
+    """Answers that int8 and int4 storage change against float16 storage of the same build, per task.
+    #13: int8 changes no passkey answer (PASS/MISS); the rest is counted and reported (INFO)."""
+    answers: dict[Variant, dict[tuple, str]] = {}
+    for o in outcomes:
+        if o.variant.mode != "ask" and o.variant.dtype is not None:
+            answers.setdefault(o.variant, {})[(o.item.task, o.item.group, o.item.question)] = o.answer
+    lines = []
+    for variant, quantized in answers.items():
+        base = answers.get(replace(variant, dtype="float16"))
+        if variant.dtype == "float16" or base is None:
+            continue
+        changed = {
+            task: [base[key] != text for key, text in quantized.items() if key[0] == task]
+            for task in ("passkey", "docqa")
+        }
+        counts = ", ".join(f"{task} answers changed {sum(c)} of {len(c)}" for task, c in changed.items() if c)
+        what = f"{variant.dtype} vs float16 storage, {variant.mode} {variant.method} {variant.budget_label}: {counts}"
+        judged = variant.dtype == "int8" and changed["passkey"]
+        lines.append(f"{('MISS' if any(changed['passkey']) else 'PASS') if judged else 'INFO'} {what}")
     return lines
 
 
@@ -435,16 +559,18 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) ->
     tasks = tasks_of(outcomes)
     budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
     methods = list(dict.fromkeys(v.method for v in settings.variants if v.budget is not None))
-    styles = {"ask": "-o", "query-aware": "-.D", "two-stage": "--s", "agnostic": ":^"}
+    styles = {"ask": "-o", "query-aware": "-.D", "two-stage": "--s", "agnostic": ":^", "every-token": "-.x"}
+    lines = list(dict.fromkeys((v.mode, v.dtype) for v in settings.variants))
     fig = Figure(figsize=(6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
         ax.axhline(accuracy(outcomes, task, REFERENCE), color="black", linestyle="--", label="fullkv (ask)")
         for color, method in enumerate(methods):
-            for mode, style in styles.items():
-                values = [accuracy(outcomes, task, Variant(mode, method, b)) for b in budgets]
+            for mode, dtype in lines:
+                values = [accuracy(outcomes, task, Variant(mode, method, b, dtype)) for b in budgets]
+                label = f"{method} ({mode}{'' if dtype is None else ', ' + dtype})"
                 if None not in values:
-                    ax.plot(range(len(budgets)), values, style, color=f"C{color}", label=f"{method} ({mode})")
+                    ax.plot(range(len(budgets)), values, styles[mode], color=f"C{color}", label=label)
         ax.set(title=task, xlabel="KV budget", ylabel="accuracy %", ylim=(-3, 103))
         ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
         ax.grid(alpha=0.3)
@@ -455,8 +581,14 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) ->
     fig.savefig(path, dpi=120)
 
 
-def section_body(tables: list[Table], outcomes: list[Outcome], verdicts: list[str], plot_path: Path) -> str:
+SAVED_HEADING = "Saved caches against `ask` (#13), at each budget run:"
+
+
+def section_body(
+    tables: list[Table], outcomes: list[Outcome], verdicts: list[str], saved: list[str], plot_path: Path
+) -> str:
     targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts]]
+    targets += ["", SAVED_HEADING, "", *[f"- {line}" for line in saved]] if saved else []
     plot_link = f"![Accuracy against KV budget per method and mode]({plot_path.name})"
     return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, "", plot_link, ""])
 
@@ -474,9 +606,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS, help="final KV budgets (10%% or 1024)")
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="passkey prompt lengths")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--half", choices=HALVES, help="only this fixed half of the items (default: both)")
     parser.add_argument("--limit", type=int, help="at most this many questions per task")
     parser.add_argument("--answers", help="also write every answer to this JSON-lines file")
-    parser.add_argument("--cache-dtype", help="saved modes: write and re-load each cache in this storage dtype")
+    parser.add_argument(
+        "--cache-dtypes",
+        "--cache-dtype",
+        nargs="+",
+        choices=STORAGE_DTYPES,
+        help="saved modes: write and re-load each cache in each of these storage dtypes (default: query it in memory)",
+    )
     parser.add_argument("--stored-factor", type=float, default=STORED_FACTOR, help="two-stage: stored / final budget")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer length limit")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
@@ -503,8 +642,13 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             f"--lengths go up to {max(args.lengths)}, and with {args.max_new_tokens} answer tokens past the "
             f"model's window of {engine.loaded.context_window}"
         )
-    items = [item for name in args.tasks for item in task_items(name, engine, args.lengths)[: args.limit]]
-    settings = Settings(plan(args.methods, budgets, args.modes), decoding, args.stored_factor, args.cache_dtype)
+    items = [
+        item
+        for name in args.tasks
+        for item in [i for i in task_items(name, engine, args.lengths) if args.half in (None, i.half)][: args.limit]
+    ]
+    variants = plan(args.methods, budgets, args.modes, args.cache_dtypes or [None])
+    settings = Settings(variants, decoding, args.stored_factor)
     start = time.perf_counter()
     with torch.inference_mode():
         outcomes = run(engine, items, settings)
@@ -513,8 +657,10 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     tables += [table for table in [passkey_table(outcomes, settings)] if table is not None]
     for table in tables:
         table.print()
-    verdicts = checks(outcomes)
+    verdicts, saved = checks(outcomes), default_candidate_checks(outcomes) + storage_checks(outcomes)
     print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
+    if saved:
+        print(SAVED_HEADING, *saved, sep="\n  ")
     print(f"whole run: {minutes:.1f} min")
     if not args.no_write:
         heading = "Accuracy per method, budget and mode" + (f" ({args.tag})" if args.tag else "")
@@ -530,9 +676,10 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             limit=(args.limit, None),
             stored_factor=(args.stored_factor, STORED_FACTOR),
             max_new_tokens=(args.max_new_tokens, MAX_NEW_TOKENS),
-            cache_dtype=(args.cache_dtype, None),
+            cache_dtypes=(args.cache_dtypes, None),
+            half=(args.half, None),
         )
-        body = section_body(tables, outcomes, verdicts, report.plot)
+        body = section_body(tables, outcomes, verdicts, saved, report.plot)
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path} and {report.plot}")
     if args.answers:
@@ -546,8 +693,10 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
                         "mode": o.variant.mode,
                         "method": o.variant.method,
                         "budget": o.variant.budget_label,
+                        "cache_dtype": o.variant.dtype,
                         "answer": o.answer,
                         "correct": o.score.correct,
+                        "same_as_ask": o.same_as_ask,
                     }
                 )
                 + "\n"

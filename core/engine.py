@@ -21,7 +21,7 @@ from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
-from core.store import estimate_dtype, quantization_for
+from core.store import check_cache_dtype, quantization_for
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
@@ -277,7 +277,8 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        saved_dtype = estimate_dtype(cache_dtype)
+        check_cache_dtype(cache_dtype)
+        saved_dtype = cache_dtype  # the guard counts int8/int4 codes with their scales and zero points
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)

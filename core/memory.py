@@ -21,7 +21,8 @@ the device kind. It counts, in bytes:
   half precision, flash-attn) need O(n) memory; CUDA in float32 falls back to SDPA's math path,
   which materializes the [heads, n, n] scores. Plus the selection scores of the last window;
 - decoding: the cache's growth room once answer tokens are appended (kvcache.LayerKV.append);
-- saving (`cache build`): the stored copy of the cache and its serialized bytes, held with the cache.
+- saving (`cache build`): the stored copy of the cache and its serialized bytes, held with the cache;
+  an int8/int4 copy counts its codes and the float16 scale and zero point of every group (core/quant.py).
 
 The check compares what the run still has to allocate with what the device has free: on CPU,
 MemAvailable (capped by a cgroup memory limit), counting weights that are memory-mapped from their
@@ -37,6 +38,7 @@ import torch
 
 from core.errors import MemoryLimitError
 from core.methods import Budget, Method
+from core.quant import BITS, PARAM_DTYPE, group_size
 
 GIB = 1 << 30
 FP32 = 4
@@ -156,6 +158,22 @@ def attention_bytes(s: Sizes, tokens: int, b: int, device: str, window: int) -> 
     return scores
 
 
+def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) -> int:
+    """The cache as `cache build` stores it in `dtype` (a torch float dtype or a --cache-dtype name):
+    keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions. int8
+    and int4 (core/quant.py) store codes, plus a float16 scale and zero point per group: values and
+    hidden states in groups of channels; keys in groups of tokens per channel, the last group of each
+    layer counted whole (it may be short). About 6% beyond the codes for int8 in groups of 64."""
+    positions = 4 * s.kv_heads * slots
+    elements = 2 * slots * s.kv_width + paused
+    if dtype not in BITS:
+        return positions + elements * element_size(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype))
+    group = group_size(s.head_dim, s.hidden)
+    groups = slots * s.kv_width // group + paused // group  # values, hidden states
+    groups += slots * s.kv_width // group + s.layers * s.kv_width  # keys: at most one short group per layer
+    return positions + -(-elements * BITS[dtype] // 8) + 2 * element_size(PARAM_DTYPE) * groups
+
+
 def estimate_prefill(
     config,
     tokens: int,
@@ -163,10 +181,11 @@ def estimate_prefill(
     dtype: torch.dtype,
     device: str,
     new_tokens: int = 0,
-    saved_dtype: torch.dtype | None = None,
+    saved_dtype: torch.dtype | str | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of prefilling `tokens` with `method` in `dtype` on `device` ("cpu" or "cuda"), then
-    decoding `new_tokens` (ask) or saving the cache in `saved_dtype` (cache build)."""
+    decoding `new_tokens` (ask) or saving the cache in `saved_dtype` (cache build: a torch dtype or a
+    --cache-dtype name, int8 and int4 included)."""
     s, b = Sizes.of(config), element_size(dtype)
     entry = 2 * b * s.kv_width + 8 * s.kv_heads  # keys, values and an int64 position per KV head
     slots = method.peak_cache_tokens(tokens, s.layers)
@@ -174,10 +193,7 @@ def estimate_prefill(
     allocated = allocated_bytes_per_token(s, b) + b * s.hidden + 2 * b * s.head_dim  # + what lives across layers
     growth = s.layers * max(new_tokens, DECODE_ROOM, slots // s.layers // 8) if new_tokens else 0
     paused = s.hidden * method.held_tokens(tokens)  # the hidden states a paused prefill keeps
-    stored = 0
-    if saved_dtype is not None:
-        stored = 2 * slots * (2 * element_size(saved_dtype) * s.kv_width + 4 * s.kv_heads)
-        stored += 2 * paused * element_size(saved_dtype)
+    stored = 0 if saved_dtype is None else 2 * stored_bytes(s, slots, paused, saved_dtype)  # a copy and its bytes
     return MemoryEstimate(
         tokens=tokens,
         weights=s.parameters() * b,

@@ -2,18 +2,20 @@
 
 import importlib.util
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.engine import Engine
+from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import Budget, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import PromptTemplate
 from core.runner import Runner
+from core.store import load_cache, save_cache
 from tests.helpers import assert_same_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,8 +195,8 @@ def tiny_items() -> list:
     return [Item("docqa", "log.txt", document, q, ("keeper",)) for q in questions]
 
 
-def tiny_settings(modes: list[str]) -> accuracy.Settings:
-    variants = accuracy.plan(METHODS, [Budget.parse("10%"), Budget.parse("30%")], modes)
+def tiny_settings(modes: list[str], dtypes: list[str | None] = (None,)) -> accuracy.Settings:
+    variants = accuracy.plan(METHODS, [Budget.parse("10%"), Budget.parse("30%")], modes, dtypes)
     return accuracy.Settings(variants, Decoding(max_new_tokens=6), accuracy.STORED_FACTOR)
 
 
@@ -252,18 +254,43 @@ def test_the_halves_are_fixed_and_each_spans_every_document_and_length(tiny_toke
 
 
 def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
-    settings = tiny_settings(["agnostic", "two-stage", "query-aware"])
+    settings = tiny_settings(["ask", "agnostic", "two-stage", "query-aware", "every-token"])
     refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
     outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
     saved_variants = [v for v in settings.variants if v.mode != "ask"]
     assert "gemfilter" not in {v.method for v in saved_variants}  # it cannot build a saved cache
     assert {v.method for v in saved_variants if v.mode == "query-aware"} == {"fastkv"}  # it pauses at TSP
+    assert {v.method for v in saved_variants if v.mode == "every-token"} == {"fullkv"}  # every token, selected later
     assert len(outcomes) == len(saved_variants) * len(tiny_items)
     for o in outcomes:
         method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
         aware = o.variant.mode == "query-aware"
         saved = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
         assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
+        asked = refs[tiny_items.index(o.item)].asked[o.variant.asked]  # ask's answer, same method and budget
+        assert o.same_as_ask == (o.answer == asked), o.variant
+
+
+def test_each_storage_dtype_answers_as_cache_build_then_cache_query(tiny_engine, tiny_items, tmp_path):
+    """A saved variant in a storage dtype answers as a file written with --cache-dtype and loaded again."""
+    dtypes = ["float16", "int8", "int4"]
+    settings = tiny_settings(["two-stage", "query-aware", "every-token"], dtypes)
+    settings = replace(settings, variants=[v for v in settings.variants if v.method in ("fullkv", "fastkv")])
+    refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
+    outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
+    assert [o.variant.dtype for o in outcomes[: 2 * len(dtypes)]] == [d for d in dtypes for _ in tiny_items]
+    for o in outcomes:
+        method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
+        aware = o.variant.mode == "query-aware"
+        built = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
+        path = tmp_path / "c.fkv"
+        save_cache(path, built.cache, built.manifest, o.variant.dtype, force=True)
+        cache, manifest = load_cache(path, tiny_engine.loaded.device, tiny_engine.loaded.dtype)
+        saved = SavedContext(cache, manifest, built.stats)
+        assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
+    lines = accuracy.storage_checks(outcomes)
+    assert len(lines) == 2 * 3 * 2  # int8 and int4 against float16, 3 modes, 2 budgets
+    assert all(line.startswith("INFO ") and "docqa answers changed" in line for line in lines)  # no passkey items
 
 
 def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
