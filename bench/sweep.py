@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -139,7 +140,15 @@ def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decod
     return results if "fullkv" in {p.name for p in policies} else results[1:]
 
 
-def run(engine: Engine, items: list[Item], policies: list[Policy], decoding: Decoding) -> list[Result]:
+def run(
+    engine: Engine,
+    items: list[Item],
+    policies: list[Policy],
+    decoding: Decoding,
+    on_item: Callable[[list[Result]], None] = lambda results: None,
+) -> list[Result]:
+    """Every policy on every item; `on_item` gets the results so far after each item (a long run that is
+    stopped keeps them)."""
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     results: list[Result] = []
@@ -148,6 +157,7 @@ def run(engine: Engine, items: list[Item], policies: list[Policy], decoding: Dec
         for item in items:
             bar.update(task, description=f"{item.task}: {item.group}")
             results += run_item(engine, item, policies, decoding)
+            on_item(results)
             bar.advance(task, len(item.document.text))
     return results
 
@@ -312,9 +322,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for item in [i for i in task_items(name, engine, args.lengths) if i.half == args.half][: args.limit]
     ]
     policies = [BY_NAME[name] for name in args.policies]
+    name = f"sweep-{args.half}" + (f"-{args.tag}" if args.tag else "")
+    report = Report.of(
+        name, f"Policy sweep, {args.half} half" + (f" ({args.tag})" if args.tag else ""), engine.loaded.spec
+    )
+    raw = report.plot.with_suffix(".json")  # every result, rewritten after each item
+
+    def save_raw(results: list[Result]) -> None:
+        if not args.no_write:
+            raw.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n", encoding="utf-8")
+
     start = time.perf_counter()
     with torch.inference_mode():
-        results = run(engine, items, policies, decoding)
+        results = run(engine, items, policies, decoding, save_raw)
     minutes = (time.perf_counter() - start) / 60
     made = points(results, policies)
     tables = [frontier_table(made, items, args.half, minutes), passkey_table(results, policies)]
@@ -322,13 +342,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for table in tables:
         table.print()
     if not args.no_write:
-        name = f"sweep-{args.half}" + (f"-{args.tag}" if args.tag else "")
-        report = Report.of(
-            name, f"Policy sweep, {args.half} half" + (f" ({args.tag})" if args.tag else ""), engine.loaded.spec
-        )
         plot(made, f"Frontier on the {args.half} half, {engine.loaded.name}", report.plot)
-        raw = report.plot.with_suffix(".json")
-        raw.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n", encoding="utf-8")
         reduced = reduced_run(
             tasks=(args.tasks, list(TASKS)),
             lengths=(args.lengths, DEFAULT_LENGTHS),

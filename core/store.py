@@ -158,11 +158,6 @@ def check_cache_dtype(dtype: str) -> None:
         raise InputError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{dtype}'")
 
 
-def estimate_dtype(dtype: str) -> torch.dtype:
-    """A dtype whose element size bounds a stored element's, for the memory guard (int4 counts a byte)."""
-    return CACHE_DTYPES.get(dtype, torch.uint8)
-
-
 def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
     """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
     check_cache_dtype(dtype)
