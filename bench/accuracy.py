@@ -50,7 +50,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global fig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tasks import HALVES, Item, docqa, passkey
-from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings
+from tasks.replay import question_recordings, record_build, replay, replay_build, shared_recordings
 from tasks.scoring import Score, score
 from torch import Tensor
 
@@ -220,7 +220,7 @@ def run_ask(
     """Every ask variant of one item, REFERENCE first, from at most two recorded prefills."""
     ids = ask_ids(engine, item, settings.decoding)
     question = len(question_ids(engine, item.question))  # the scoring window of a question-window method
-    recording_for = shared_recordings(partial(record_prefill, engine.runner, ids, window=max(question, 8)))
+    recording_for = question_recordings(engine.runner, ids, question)
     outcomes, ref = [], None
     for variant in (v for v in settings.variants if v.mode == "ask"):
         method = variant_methods(variant, settings.stored_factor)[0].for_question(question)

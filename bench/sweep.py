@@ -25,7 +25,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tasks import HALVES, Item
-from tasks.replay import record_prefill, replay, shared_recordings
+from tasks.replay import question_recordings, replay
 from tasks.scoring import score
 
 from core.engine import Engine
@@ -112,8 +111,7 @@ def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decod
     """Every policy on one item, fullkv first (the reference), from as few recorded prefills as exact."""
     ids = ask_ids(engine, item, decoding)
     question = len(encode_question(engine.loaded.tokenizer, engine.template, item.question))
-    window = max(RECORDED_WINDOW, question)
-    recording_for = shared_recordings(partial(record_prefill, engine.runner, ids, window=window))
+    recording_for = question_recordings(engine.runner, ids, question, RECORDED_WINDOW)
     full_kv = full_kv_bytes(engine.loaded.config, len(ids), engine.loaded.dtype)
     results, reference, full_s = [], None, None
     for policy in [BY_NAME["fullkv"], *(p for p in policies if p.name != "fullkv")]:

@@ -16,6 +16,7 @@ as the runner would have. tests/test_bench_accuracy.py checks caches and logits 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import ClassVar, TypeVar
 
 from torch import Tensor
@@ -151,3 +152,10 @@ def shared_recordings(
         return made[-1]
 
     return recording_for
+
+
+def question_recordings(runner: Runner, ids: Tensor, question_tokens: int, window: int = 8) -> Callable:
+    """shared_recordings of runner.prefill(ids) that keep each layer's last `window` queries, or the
+    question's `question_tokens` where that is more: enough for any fixed window up to `window` and for a
+    window that is the question."""
+    return shared_recordings(partial(record_prefill, runner, ids, window=max(window, question_tokens)))
