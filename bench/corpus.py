@@ -27,7 +27,10 @@ MAX_NEW = 16
 
 
 def fastkv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastkv_cli", *args], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "fastkv_cli", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"fastkv {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 def answers(stdout: str) -> dict[str, str]:
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     settings = parser.parse_args()
     text = real_text()
+    text *= -(-settings.docs * CHARS_PER_DOC // len(text))  # repeated where the documents need more than it has
     common = ["--json", "--quiet", "--max-new-tokens", str(MAX_NEW)] + (
         ["--model", settings.model] if settings.model else []
     )
