@@ -2,10 +2,14 @@
 as fullkv", per setting, on one fixed half of the benchmark items.
 
 python bench/sweep.py [--half tuning|held-out] [--policies NAME ...] [--tasks passkey docqa]
-    [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write]
+    [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw]
+
+The per-item results are saved after every item (docs/sweep-*.json); `--from-raw` with the same options
+renders the tables, plot and section from them, for a run that was stopped.
 
 Every policy (POLICIES: budget as a share, a floor or both, TSP rate and layer, scoring window, pooling
-kernels, head-adaptive budgets (adakv, and fastkv's cache selection), snapkv, and the defaults old and new) answers every item of the half with the question ending the
+kernels, head-adaptive budgets (adakv, and fastkv's cache selection), snapkv, and the defaults old and
+new) answers every item of the half with the question ending the
 prompt, as `fastkv ask` does. The halves are fixed (bench/tasks: items alternate by their index within a
 document, and by depth and length for passkeys): settings are chosen on `tuning`, claims are made on
 `held-out`.
@@ -213,9 +217,11 @@ def on_frontier(point: Point, others: list[Point], metric: str) -> bool:
     return True
 
 
-def frontier_table(made: list[Point], items: list[Item], half: str, minutes: float) -> Table:
+def frontier_table(made: list[Point], answered: int, planned: int, half: str, minutes: float | None) -> Table:
+    """`answered` of the `planned` items (fewer: a stopped run, rendered from its per-item results)."""
+    count = f"{answered} items" if answered == planned else f"{answered} of its {planned} items: a stopped run"
     table = Table(
-        title=f"Policy frontier on the {half} half ({len(items)} items)",
+        title=f"Policy frontier on the {half} half ({count})",
         headers=[
             "policy",
             "passkey %",
@@ -250,7 +256,8 @@ def frontier_table(made: list[Point], items: list[Item], half: str, minutes: flo
         "Speed-up (indicative, not a measurement: bench/speed.py is): full prefill seconds over the policy's, "
         "timed once each per item, the full one first, median over the items of "
         f"{BANDS['8K'][0]:,}-{BANDS['8K'][1]:,} and {BANDS['16K'][0]:,}-{BANDS['16K'][1]:,} tokens. "
-        f"* on the speed/same frontier, † on the speed/docqa frontier. Whole run: {minutes:.0f} min."
+        "* on the speed/same frontier, † on the speed/docqa frontier. "
+        + (f"Whole run: {minutes:.0f} min." if minutes is not None else "Rendered from the per-item results.")
     )
     return table
 
@@ -307,6 +314,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--tag", type=tag, help="name a focused run's section and plot")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument(
+        "--from-raw", action="store_true", help="run nothing: render the per-item results a stopped run saved"
+    )
     return parser.parse_args(argv)
 
 
@@ -330,12 +340,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if not args.no_write:
             raw.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n", encoding="utf-8")
 
-    start = time.perf_counter()
-    with torch.inference_mode():
-        results = run(engine, items, policies, decoding, save_raw)
-    minutes = (time.perf_counter() - start) / 60
+    if args.from_raw:  # a stopped run: its results so far, as it saved them after each item
+        results, minutes = [Result(**r) for r in json.loads(raw.read_text(encoding="utf-8"))], None
+    else:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            results = run(engine, items, policies, decoding, save_raw)
+        minutes = (time.perf_counter() - start) / 60
     made = points(results, policies)
-    tables = [frontier_table(made, items, args.half, minutes), passkey_table(results, policies)]
+    answered = len({r.item for r in results})
+    tables = [frontier_table(made, answered, len(items), args.half, minutes), passkey_table(results, policies)]
     tables = [table for table in tables if table is not None]
     for table in tables:
         table.print()
