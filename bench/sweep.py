@@ -2,10 +2,11 @@
 as fullkv", per setting, on one fixed half of the benchmark items.
 
 python bench/sweep.py [--half tuning|held-out] [--policies NAME ...] [--tasks passkey docqa]
-    [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw]
+    [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw | --resume]
 
-The per-item results are saved after every item (docs/sweep-*.json); `--from-raw` with the same options
-renders the tables, plot and section from them, for a run that was stopped.
+The per-item results are saved after every item (docs/sweep-*.json); for a run that was stopped, the same
+options with `--from-raw` render the tables, plot and section from them, and with `--resume` go on with
+the items it left.
 
 Every policy (POLICIES: budget as a share, a floor or both, TSP rate and layer, scoring window, pooling
 kernels, head-adaptive budgets (adakv, and fastkv's cache selection), snapkv, and the defaults old and
@@ -111,6 +112,10 @@ class Result:
     kv_share: float  # cached bytes over fullkv's
 
 
+def item_name(item: Item) -> str:
+    return f"{item.group}: {item.question}"
+
+
 def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decoding) -> list[Result]:
     """Every policy on one item, fullkv first (the reference), from as few recorded prefills as exact."""
     ids = ask_ids(engine, item, decoding)
@@ -127,7 +132,7 @@ def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decod
         results.append(
             Result(
                 policy.name,
-                f"{item.group}: {item.question}",
+                item_name(item),
                 item.task,
                 len(ids),
                 item.length,
@@ -148,12 +153,15 @@ def run(
     policies: list[Policy],
     decoding: Decoding,
     on_item: Callable[[list[Result]], None] = lambda results: None,
+    earlier: list[Result] | None = None,
 ) -> list[Result]:
     """Every policy on every item; `on_item` gets the results so far after each item (a long run that is
-    stopped keeps them)."""
+    stopped keeps them). `earlier`: a stopped run's results, whose items are not asked again."""
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    results: list[Result] = []
+    results = list(earlier or [])
+    answered = {r.item for r in results}
+    items = [item for item in items if item_name(item) not in answered]
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("sweep", total=sum(len(item.document.text) for item in items))
         for item in items:
@@ -317,6 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--from-raw", action="store_true", help="run nothing: render the per-item results a stopped run saved"
     )
+    parser.add_argument("--resume", action="store_true", help="go on with a stopped run: ask only the items it left")
     return parser.parse_args(argv)
 
 
@@ -340,13 +349,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if not args.no_write:
             raw.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n", encoding="utf-8")
 
+    saved = [Result(**r) for r in json.loads(raw.read_text(encoding="utf-8"))] if args.from_raw or args.resume else []
     if args.from_raw:  # a stopped run: its results so far, as it saved them after each item
-        results, minutes = [Result(**r) for r in json.loads(raw.read_text(encoding="utf-8"))], None
+        results, minutes = saved, None
     else:
         start = time.perf_counter()
         with torch.inference_mode():
-            results = run(engine, items, policies, decoding, save_raw)
-        minutes = (time.perf_counter() - start) / 60
+            results = run(engine, items, policies, decoding, save_raw, saved)
+        minutes = None if saved else (time.perf_counter() - start) / 60
     made = points(results, policies)
     answered = len({r.item for r in results})
     tables = [frontier_table(made, answered, len(items), args.half, minutes), passkey_table(results, policies)]
