@@ -53,19 +53,19 @@ class LayerKV:
     def select(self, index: Tensor) -> "LayerKV":
         """Keep, per KV head, the slots at `index` ([kv_heads, m], sorted); an index of EMPTY there
         (only at the start of a row) makes an empty slot."""
-        empty = index == EMPTY
-        if not bool(empty.any()):
-            gather = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
-            picked = (self.keys.gather(1, gather), self.values.gather(1, gather), self.positions.gather(1, index))
-            return LayerKV(*picked, padded=self.padded)
         slots = index.clamp(min=0)
         gather = slots.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+        keys, values, positions = (
+            self.keys.gather(1, gather),
+            self.values.gather(1, gather),
+            self.positions.gather(1, slots),
+        )
+        empty = index == EMPTY
+        if not bool(empty.any()):
+            return LayerKV(keys, values, positions, padded=self.padded)
         zero = empty.unsqueeze(-1)
         return LayerKV(
-            self.keys.gather(1, gather).masked_fill(zero, 0),
-            self.values.gather(1, gather).masked_fill(zero, 0),
-            self.positions.gather(1, slots).masked_fill(empty, EMPTY),
-            padded=True,
+            keys.masked_fill(zero, 0), values.masked_fill(zero, 0), positions.masked_fill(empty, EMPTY), padded=True
         )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "LayerKV":

@@ -239,15 +239,19 @@ class ScoredMethod(Method):
     def steered(self, context_len: int, extra: int) -> "ScoredMethod":
         if not extra:
             return self
-        kept = max(self.budget.tokens(context_len), self.scoring_window)
+        kept = self.budget_tokens(context_len)
         return replace(self, window=extra, budget=Budget(kept + extra, proportional=False))
 
+    def budget_tokens(self, context_len: int) -> int:
+        """Tokens a layer caches per KV head (the window always among them), before capping at the context."""
+        return max(self.budget.tokens(context_len), self.scoring_window)
+
     def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
-        return min(max(self.budget.tokens(context_len), self.scoring_window), context_len) * num_layers
+        return min(self.budget_tokens(context_len), context_len) * num_layers
 
     def kept_count(self, layer: LayerInput) -> int | None:
         """Tokens this layer caches per KV head; None when everything fits the budget."""
-        count = max(self.budget.tokens(layer.context_len), self.scoring_window)
+        count = self.budget_tokens(layer.context_len)
         return count if count < layer.present else None
 
     def propagated_count(self, layer: LayerInput) -> int | None:

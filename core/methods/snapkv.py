@@ -42,7 +42,7 @@ class SnapKV(ScoredMethod):
     def peak_cache_tokens(self, context_len: int, num_layers: int) -> int:
         if not self.adaptive:
             return super().peak_cache_tokens(context_len, num_layers)
-        count, window = max(self.budget.tokens(context_len), self.scoring_window), self.scoring_window
+        count, window = self.budget_tokens(context_len), self.scoring_window
         return min(window + widest_head(count, window, context_len - window), context_len) * num_layers
 
     def scores(self, layer: LayerInput) -> Tensor:
