@@ -136,6 +136,17 @@ def check_query_aware(method: Method, query_budget: Budget | None, questions: li
         raise InputError(f"{given} does not apply to --query-aware: each question selects for itself")
 
 
+def resolve_query_aware(method: Method, query_budget: Budget | None, questions: list[str], asked: bool | None) -> bool:
+    """Whether a build pauses for each question to resume it (query-aware). Unsaid (None, `cache build`'s
+    default) it is query-aware wherever it can be, since its answers are `ask`'s: question-blind for a
+    method with no TSP layer, or when --query-budget or --questions select without each question."""
+    if asked is None:
+        return method.propagates and query_budget is None and not questions
+    if asked:
+        check_query_aware(method, query_budget, questions)
+    return asked
+
+
 def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
     """How many context tokens memory allows, for truncation to honour (None: no limit to apply;
     when not even `extra` prompt tokens fit, the guard's own check explains it)."""
@@ -278,14 +289,13 @@ class Engine:
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         check_cache_dtype(cache_dtype)
-        saved_dtype = cache_dtype  # the guard counts int8/int4 codes with their scales and zero points
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
-        most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=saved_dtype)
+        most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=cache_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
         selection = prefilled.steered(len(context.ids), len(steering))
         if guard:
             tokens = len(context.ids) + len(steering)
-            guard.check(tokens, selection, saved_dtype=saved_dtype, truncating=truncate is not None)
+            guard.check(tokens, selection, saved_dtype=cache_dtype, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
         prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
         cache = prefill.cache.without_last(len(steering))

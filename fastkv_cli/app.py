@@ -287,20 +287,17 @@ def cache_build(
         Path | None, typer.Option(help="A file of expected questions, one per line, to steer what is kept.")
     ] = None,
     query_aware: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--query-aware",
-            help="Pause the prefill at fastkv's TSP layer, caching every token up to there; each question resumes "
-            "it, so answers equal `ask` at --budget (a larger file, a longer query).",
+            "--query-aware/--question-blind",
+            help="--query-aware (the default wherever the method has a TSP layer and neither --query-budget nor "
+            "--questions is given): pause the prefill at fastkv's TSP layer, caching every token up to there; each "
+            "question resumes it, so answers equal `ask` at --budget. --question-blind: select once, without the "
+            "question: a far smaller file and a faster query that may lose answers.",
+            show_default=False,
         ),
-    ] = False,
-    cache_dtype: Annotated[
-        str,
-        typer.Option(
-            help="float16, bfloat16 or float32 for the stored tensors, or int8 / int4: group-wise quantized "
-            "(about 54% / 29% of float16's size), de-quantized on load."
-        ),
-    ] = "float16",
+    ] = None,
+    cache_dtype: options.CacheDtype = options.DEFAULT_CACHE_DTYPE,
     model: options.Model = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -313,15 +310,16 @@ def cache_build(
     ray_workers: options.RayWorkers = None,
     ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
 ) -> None:
-    """Prefill the documents once (compressed) and save the cache to OUTPUT for later `cache query`;
-    with --each, one cache per document in the directory OUTPUT, skipping those already up to date.
+    """Prefill the documents once and save the cache to OUTPUT for later `cache query`; with --each, one
+    cache per document in the directory OUTPUT, skipping those already up to date.
 
     \b
     Examples:
-      fastkv cache build report.pdf -o report.fkv
+      fastkv cache build report.pdf -o report.fkv     # queries answer as `ask`
+      fastkv cache build report.pdf -o small.fkv --question-blind --budget 10%
       fastkv cache build library/*.pdf --each -o caches/
     """
-    from core.engine import build_summary, check_query_aware
+    from core.engine import build_summary, resolve_query_aware
     from core.methods import Budget, make_method
     from core.store import check_cache_dtype, check_target, save_cache
 
@@ -333,8 +331,7 @@ def cache_build(
     )
     final_budget = None if query_budget is None else Budget.parse(query_budget, "--query-budget")
     steering = read_questions(questions) if questions else []
-    if query_aware:
-        check_query_aware(selection, final_budget, steering)
+    query_aware = resolve_query_aware(selection, final_budget, steering, query_aware)
     if selection.restarts:
         raise InputError(f"--method {method} re-prefills with new positions; a saved cache needs original positions")
     if each or ray:

@@ -54,6 +54,14 @@ Window = Annotated[
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
+DEFAULT_CACHE_DTYPE = "float16"  # what `cache build` stores (the CLI and the server alike)
+CacheDtype = Annotated[
+    str,
+    typer.Option(
+        help="float16, bfloat16 or float32 for the stored tensors, or int8 / int4: group-wise quantized "
+        "(about 54% / 29% of float16's size), de-quantized on load."
+    ),
+]
 IgnoreMemory = Annotated[
     bool,
     typer.Option("--ignore-memory", help="Prefill even when the memory estimate exceeds what the device has free."),

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from core import __version__
-from core.engine import Engine, build_summary, check_query_aware
+from core.engine import Engine, build_summary, resolve_query_aware
 from core.errors import FastKVError, InputError
 from core.generation import Decoding, Sampling
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.store import check_cache_dtype, check_target, describe_cache, save_cache
+from fastkv_cli.options import DEFAULT_CACHE_DTYPE
 from fastkv_cli.service import (
     END,
     CacheLRU,
@@ -101,8 +102,8 @@ class BuildIn(ModelChoice, MethodIn):
     force: bool = False
     query_budget: str | None = None
     questions: list[str] = []
-    query_aware: bool = False
-    cache_dtype: str = "float16"
+    query_aware: bool | None = None  # None: query-aware where the method can pause (the CLI's default)
+    cache_dtype: str = DEFAULT_CACHE_DTYPE
     truncate: str | None = None
     ignore_memory: bool = False
 
@@ -177,12 +178,11 @@ class Service:
             pooling=request.pooling, window=request.window,
         )  # fmt: skip
         final_budget = None if request.query_budget is None else Budget.parse(request.query_budget, "--query-budget")
-        if request.query_aware:
-            check_query_aware(selection, final_budget, request.questions)
+        query_aware = resolve_query_aware(selection, final_budget, request.questions, request.query_aware)
         docs, read_s = read_all(readers, job)
         saved = self.engine.build(
             docs, selection, final_budget, request.questions, request.truncate, progress=job.progress,
-            cache_dtype=request.cache_dtype, ignore_memory=request.ignore_memory, query_aware=request.query_aware,
+            cache_dtype=request.cache_dtype, ignore_memory=request.ignore_memory, query_aware=query_aware,
         )  # fmt: skip
         job.progress("saving", 0, 1)
         start = time.perf_counter()

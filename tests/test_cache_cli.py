@@ -67,11 +67,11 @@ def query(cache: Path, *args, model: Path | None = None, input: str | None = Non
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, documents, model) -> tuple[Path, dict]:
-    """One cache built through the CLI, with the JSON summary its build printed."""
+    """One question-blind cache built through the CLI, with the JSON summary its build printed."""
     path = tmp_path_factory.mktemp("built") / "logbook.fkv"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(documents[0].parent)  # a document's name is in the prompt: keep tmp paths out of it
-        result = build(DOC_NAMES, path, model, "--budget", "50%", "--json", "--quiet")
+        result = build(DOC_NAMES, path, model, "--budget", "50%", "--question-blind", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     return path, json.loads(result.stdout)
 
@@ -321,6 +321,26 @@ def test_a_query_aware_cache_answers_as_ask_does(documents, model, tmp_path):
     [expected] = json_lines(asked)
     assert answer["answer"] == expected["answer"] and answer["budget"] == "20%"
     assert answer["stats"]["kept_tokens_per_layer"] == expected["stats"]["kept_tokens_per_layer"]
+
+
+@pytest.mark.parametrize(
+    ("options", "query_aware"),
+    [
+        ([], True),  # the default: ask's answers
+        (["--question-blind"], False),
+        (["--method", "snapkv"], False),  # no TSP layer to pause at
+        (["--budget", "60%", "--query-budget", "20%"], False),  # each question re-selects instead
+        (["--query-aware", "--question-blind"], False),  # the last flag wins, as for every flag pair
+    ],
+)
+def test_build_is_query_aware_wherever_it_can_be(documents, model, tmp_path, options, query_aware):
+    path = tmp_path / "c.fkv"
+
+    result = build(documents, path, model, *options, "--json", "--quiet")
+
+    assert result.exit_code == 0, result.output
+    assert (read_manifest(path)["paused_layer"] is not None) == query_aware
+    assert (json.loads(result.stdout)["kind"] == "query-aware") == query_aware
 
 
 @pytest.mark.parametrize(
