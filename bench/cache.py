@@ -6,10 +6,10 @@ python bench/cache.py [--tokens N ...] [--repeats 3] [--budget B] [--stored S] [
 
 Kinds, each at `ask`'s default budget (fastkv's own, 30%,2048) unless --budget says otherwise:
 - fullkv: every token, answers use them all (the yardstick of file sizes);
-- question-blind: fastkv at the budget, built without the question (today's default `cache build`);
+- question-blind: fastkv at the budget, built without the question (`cache build --question-blind`);
 - two-stage: fastkv at --stored (default: 3× the budget, capped at 100%, as bench/accuracy.py builds it),
   each query re-selects down to the budget with its own question (`cache build --query-budget`);
-- query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`--query-aware`);
+- query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`cache build`'s default since #13);
 - every token: fullkv's cache, each query re-selects down to the budget with its own question
   (`--method fullkv --query-budget`: SnapKV's answer, a question prefill of only its own tokens).
 Each is saved as float16, int8 and int4. Each length's table is printed, and written to
