@@ -3,7 +3,7 @@
 python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
     [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680]
     [--modes ask agnostic two-stage query-aware every-token] [--cache-dtypes float16 int8 int4]
-    [--half tuning|held-out] [--limit N] [--model M] [--tag NAME] [--no-write]
+    [--half tuning|held-out] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw | --resume]
 
 Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
 license texts at each prompt length, scored by exact digits; `docqa`, about 50 short factual questions on
@@ -23,6 +23,9 @@ Fidelity compares every answer with fullkv's `ask` answer to the same question: 
 greedy answers, and KL(fullkv || method) of the first answer token's distribution. It measures the
 compression itself, also where the small model answers wrongly. A saved mode's answers are also
 compared with `ask`'s at the same method and budget (every-token: fastkv's, what `fastkv ask` runs).
+Every answer is saved after each document (docs/accuracy-*.json, beside the plot); for a run that was
+stopped, the same options with `--from-raw` render the tables, plot and section from them, and with
+`--resume` go on with the documents it left.
 `--half` keeps one fixed half of the items (bench/tasks: settings are chosen on `tuning`, claims made
 on `held-out`, as bench/sweep.py does).
 
@@ -45,7 +48,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import Report, Table, cell, reduced_run, tag, write_section
+from common import ROOT, Report, Table, cell, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -282,17 +285,27 @@ def groups(items: list[Item]) -> list[list[Item]]:
     return list(by_group.values())
 
 
-def run(engine: Engine, items: list[Item], settings: Settings) -> list[Outcome]:
-    """Every variant of every item, document by document, with a progress bar weighted by document size."""
+def run(
+    engine: Engine,
+    items: list[Item],
+    settings: Settings,
+    on_group: Callable[[list[Outcome]], None] = lambda outcomes: None,
+    earlier: list[Outcome] | None = None,
+) -> list[Outcome]:
+    """Every variant of every item, document by document, with a progress bar weighted by document size.
+    `on_group` gets the outcomes so far after each document (a long run that is stopped keeps them);
+    `earlier`: a stopped run's outcomes, whose documents are not asked again."""
+    outcomes = list(earlier or [])
+    done = {(o.item.task, o.item.group) for o in outcomes}
+    left = [group for group in groups(items) if (group[0].task, group[0].group) not in done]
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    total = sum(len(item.document.text) for item in items) * len(settings.variants)
-    outcomes: list[Outcome] = []
+    total = sum(len(item.document.text) for group in left for item in group) * len(settings.variants)
     console = Console(stderr=True)
-    console.print(f"{len(items)} questions × {len(settings.variants)} method/budget/mode variants")
+    console.print(f"{sum(map(len, left))} questions × {len(settings.variants)} method/budget/mode variants")
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("accuracy", total=total)
-        for group in groups(items):
+        for group in left:
             size = len(group[0].document.text)
             bar.update(task, description=f"{group[0].task}: {group[0].group}")
             advance = partial(bar.advance, task, size)
@@ -302,7 +315,26 @@ def run(engine: Engine, items: list[Item], settings: Settings) -> list[Outcome]:
                 outcomes += asked
                 refs.append(ref)
             outcomes += run_saved(engine, group, refs, settings, advance)
+            on_group(outcomes)
     return outcomes
+
+
+def record(o: Outcome) -> dict:
+    """One outcome as the raw file keeps it: the item by its task, group and question, not its document."""
+    variant = {"mode": o.variant.mode, "method": o.variant.method, "cache_dtype": o.variant.dtype}
+    budget = None if o.variant.budget is None else str(o.variant.budget)
+    return {"task": o.item.task, "group": o.item.group, "question": o.item.question, **variant, "budget": budget,
+            "answer": o.answer, "correct": o.score.correct, "f1": o.score.f1, "same": o.same, "kl": o.kl,
+            "prefill_s": o.prefill_s, "same_as_ask": o.same_as_ask}  # fmt: skip
+
+
+def from_record(r: dict, items: dict[tuple, Item]) -> Outcome:
+    """record()'s inverse, given this run's items by (task, group, question)."""
+    budget = None if r["budget"] is None else Budget.parse(r["budget"])
+    variant = Variant(r["mode"], r["method"], budget, r["cache_dtype"])
+    item = items[r["task"], r["group"], r["question"]]
+    scored = Score(r["correct"], r["f1"])
+    return Outcome(item, variant, r["answer"], scored, r["same"], r["kl"], r["prefill_s"], r["same_as_ask"])
 
 
 @dataclass(frozen=True)
@@ -360,7 +392,7 @@ def tasks_of(outcomes: list[Outcome]) -> list[str]:
     return list(dict.fromkeys(o.item.task for o in outcomes))
 
 
-def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, minutes: float) -> Table:
+def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, minutes: float | None) -> Table:
     table = Table(
         title=f"Accuracy and fidelity per method, budget and mode ({engine.loaded.name}, {engine.loaded.dtype})",
         headers=[
@@ -402,7 +434,11 @@ def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, m
         f"Greedy, at most {settings.decoding.max_new_tokens} new tokens. prefill s: "
         "ask: context + question; saved modes: the document's build (once per document, shared by its questions; "
         "a query-aware query then runs the deeper layers on the tokens its question selects, bench/cache.py times it). "
-        f"Whole run: {minutes:.0f} min."
+        + (
+            f"Whole run: {minutes:.0f} min."
+            if minutes is not None
+            else "Rendered from the per-item answers a run saved."
+        )
     )
     return table
 
@@ -608,7 +644,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--half", choices=HALVES, help="only this fixed half of the items (default: both)")
     parser.add_argument("--limit", type=int, help="at most this many questions per task")
-    parser.add_argument("--answers", help="also write every answer to this JSON-lines file")
     parser.add_argument(
         "--cache-dtypes",
         "--cache-dtype",
@@ -626,6 +661,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help="write a focused run to its own docs/ section and plot, named with NAME (a-z, 0-9, -), beside the full run's",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    stopped = parser.add_mutually_exclusive_group()
+    stopped.add_argument(
+        "--from-raw", action="store_true", help="run nothing: render the per-item answers a stopped run saved"
+    )
+    stopped.add_argument(
+        "--resume", action="store_true", help="go on with a stopped run: ask only the documents it left"
+    )
     return parser, parser.parse_args(argv)
 
 
@@ -649,10 +691,30 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     ]
     variants = plan(args.methods, budgets, args.modes, args.cache_dtypes or [None])
     settings = Settings(variants, decoding, args.stored_factor)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        outcomes = run(engine, items, settings)
-    minutes = (time.perf_counter() - start) / 60
+    report = Report.of(
+        "accuracy" + (f"-{args.tag}" if args.tag else ""),
+        "Accuracy per method, budget and mode" + (f" ({args.tag})" if args.tag else ""),
+        engine.loaded.spec,
+    )
+    raw = report.plot.with_suffix(".json")  # every answer, rewritten after each document
+
+    def save_raw(outcomes: list[Outcome]) -> None:
+        if not args.no_write:
+            write_atomic(raw, json.dumps([record(o) for o in outcomes], indent=1) + "\n")
+
+    earlier = []
+    if args.from_raw or args.resume:
+        if not raw.is_file():
+            parser.error(f"no saved answers to go on from: {raw.relative_to(ROOT)} does not exist")
+        by_key = {(i.task, i.group, i.question): i for i in items}
+        earlier = [from_record(r, by_key) for r in json.loads(raw.read_text(encoding="utf-8"))]
+    if args.from_raw:
+        outcomes, minutes = earlier, None
+    else:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outcomes = run(engine, items, settings, save_raw, earlier)
+        minutes = None if earlier else (time.perf_counter() - start) / 60
     tables = [results_table(engine, outcomes, settings, minutes)]
     tables += [table for table in [passkey_table(outcomes, settings)] if table is not None]
     for table in tables:
@@ -661,11 +723,9 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
     if saved:
         print(SAVED_HEADING, *saved, sep="\n  ")
-    print(f"whole run: {minutes:.1f} min")
+    if minutes is not None:
+        print(f"whole run: {minutes:.1f} min")
     if not args.no_write:
-        heading = "Accuracy per method, budget and mode" + (f" ({args.tag})" if args.tag else "")
-        name = "accuracy" + (f"-{args.tag}" if args.tag else "")
-        report = Report.of(name, heading, engine.loaded.spec)
         plot(outcomes, settings, f"Accuracy against KV budget, {engine.loaded.name}", report.plot)
         reduced = reduced_run(
             tasks=(args.tasks, list(TASKS)),
@@ -682,27 +742,6 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
         body = section_body(tables, outcomes, verdicts, saved, report.plot)
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path} and {report.plot}")
-    if args.answers:
-        Path(args.answers).write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "task": o.item.task,
-                        "question": o.item.question,
-                        "group": o.item.group,
-                        "mode": o.variant.mode,
-                        "method": o.variant.method,
-                        "budget": o.variant.budget_label,
-                        "cache_dtype": o.variant.dtype,
-                        "answer": o.answer,
-                        "correct": o.score.correct,
-                        "same_as_ask": o.same_as_ask,
-                    }
-                )
-                + "\n"
-                for o in outcomes
-            )  # fmt: skip
-        )
     return outcomes
 
 

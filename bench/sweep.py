@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from accuracy import MAX_NEW_TOKENS, TASKS, ask_ids, decode, kl_divergence, task_items
-from common import ROOT, Report, Table, cell, reduced_run, tag, write_section
+from common import ROOT, Report, Table, cell, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -310,7 +310,7 @@ def plot(made: list[Point], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--half", choices=HALVES, default="tuning")
     parser.add_argument("--policies", nargs="+", choices=list(BY_NAME), default=list(BY_NAME), metavar="NAME")
@@ -322,15 +322,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--tag", type=tag, help="name a focused run's section and plot")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument(
+    stopped = parser.add_mutually_exclusive_group()
+    stopped.add_argument(
         "--from-raw", action="store_true", help="run nothing: render the per-item results a stopped run saved"
     )
-    parser.add_argument("--resume", action="store_true", help="go on with a stopped run: ask only the items it left")
-    return parser.parse_args(argv)
+    stopped.add_argument("--resume", action="store_true", help="go on with a stopped run: ask only the items it left")
+    return parser, parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
+    parser, args = parse_args(argv)
     engine = Engine.load(args.model, args.device)
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     items = [
@@ -347,9 +348,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     def save_raw(results: list[Result]) -> None:
         if not args.no_write:
-            raw.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n", encoding="utf-8")
+            write_atomic(raw, json.dumps([r.__dict__ for r in results], indent=1) + "\n")
 
-    saved = [Result(**r) for r in json.loads(raw.read_text(encoding="utf-8"))] if args.from_raw or args.resume else []
+    saved = []
+    if args.from_raw or args.resume:
+        if not raw.is_file():
+            parser.error(f"no saved results to go on from: {raw.relative_to(ROOT)} does not exist")
+        saved = [Result(**r) for r in json.loads(raw.read_text(encoding="utf-8"))]
     if args.from_raw:  # a stopped run: its results so far, as it saved them after each item
         results, minutes = saved, None
     else:

@@ -1,6 +1,7 @@
 """bench/accuracy.py: its question data, its scoring, the exactness of its shortcuts, and a tiny real run."""
 
 import importlib.util
+import json
 import sys
 from dataclasses import replace
 from functools import partial
@@ -291,6 +292,33 @@ def test_each_storage_dtype_answers_as_cache_build_then_cache_query(tiny_engine,
     lines = accuracy.storage_checks(outcomes)
     assert len(lines) == 2 * 3 * 2  # int8 and int4 against float16, 3 modes, 2 budgets
     assert all(line.startswith("INFO ") and "docqa answers changed" in line for line in lines)  # no passkey items
+
+
+def test_a_resumed_run_asks_only_the_documents_a_stopped_run_left(tiny_engine, tiny_items, monkeypatch):
+    """A run saves its outcomes after each document; read back, they let a stopped run go on where it was."""
+    settings = tiny_settings(["ask", "query-aware"])
+    items = tiny_items + [replace(item, group="log-2.txt") for item in tiny_items]  # a second document
+    saved = []
+    whole = accuracy.run(tiny_engine, items, settings, on_group=lambda outcomes: saved.append(list(outcomes)))
+    assert [len(s) for s in saved] == [len(whole) // 2, len(whole)]
+
+    by_key = {(i.task, i.group, i.question): i for i in items}
+    stopped = [accuracy.from_record(json.loads(json.dumps(accuracy.record(o))), by_key) for o in saved[0]]
+    assert stopped == saved[0]
+    asked, run_ask = [], accuracy.run_ask
+
+    def counted(engine, item, *rest):
+        asked.append(item)
+        return run_ask(engine, item, *rest)
+
+    monkeypatch.setattr(accuracy, "run_ask", counted)
+    resumed = accuracy.run(tiny_engine, items, settings, earlier=stopped)
+
+    assert asked == items[2:]
+    assert resumed[: len(stopped)] == stopped
+    assert [(o.item, o.variant, o.answer, o.kl) for o in resumed] == [
+        (o.item, o.variant, o.answer, o.kl) for o in whole
+    ]
 
 
 def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
