@@ -1,6 +1,7 @@
 """Quantized storage: the arithmetic of core/quant.py, int8/int4 .fkv files, their refusals, older versions."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == 5 and manifest["quantization"]["group_size"] == 16
+    assert manifest["format_version"] == 6 and manifest["quantization"]["group_size"] == 16
     pairs = [(a.keys, b.keys) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(a.values, b.values) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden)]
@@ -99,6 +100,44 @@ def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_awa
         if original.numel():  # half a step of the whole tensor's range bounds every group's error
             span = (original.max() - original.min()).item()
             assert (loaded - original).abs().max().item() <= span / ((1 << bits) - 1) / 2 * 1.01
+
+
+def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
+    """The residual stream has a few channels far larger than the rest (Qwen2.5's reach ~2000 against a
+    median of 0.2). Grouped along tokens, the hidden states' other channels keep their own precision."""
+    hidden = query_aware.cache.paused.hidden.clone()
+    hidden[:, 3] = 2000.0 * hidden.abs().max()
+    cache = replace(query_aware.cache, paused=replace(query_aware.cache.paused, hidden=hidden))
+    save_cache(tmp_path / "int4.fkv", cache, query_aware.manifest, "int4")
+
+    loaded = load_cache(tmp_path / "int4.fkv", "cpu", torch.float32)[0].paused.hidden
+
+    others = [c for c in range(hidden.shape[1]) if c != 3]
+    span = (hidden[:, others].max() - hidden[:, others].min()).item()
+    assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / 15 / 2 * 1.01
+
+
+def test_a_version_5_file_with_hidden_states_grouped_along_channels_still_loads(query_aware, tmp_path):  # noqa: F811
+    path = tmp_path / "v6.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, "int8")
+    hidden, group = query_aware.cache.paused.hidden, 16
+    q = quantize(hidden, 8, group, -1)
+
+    def along_channels(tensors):
+        tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
+
+    def as_version_5(manifest):
+        manifest["format_version"] = 5
+        del manifest["quantization"]["hidden_groups"]
+
+    older = rewrite_manifest(
+        rewrite_tensors(path, tmp_path / "t.fkv", along_channels), tmp_path / "v5.fkv", as_version_5
+    )
+    cache, manifest = load_cache(older, "cpu", torch.float32)
+
+    assert manifest["format_version"] == 5 and manifest["quantization"]["hidden_groups"] == "channels"
+    expected = dequantize(q, tuple(hidden.shape), 8, group, -1, torch.float32)
+    assert torch.equal(cache.paused.hidden, expected)
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
@@ -190,6 +229,8 @@ BAD_SCHEMES = {
     "group-zero": (assign_quantization("group_size", 0), "group_size 0 does not divide"),
     "bits-of-another-dtype": (assign_quantization("bits", 2), "manifest.quantization.bits is 2"),
     "unknown-grouping": (assign_quantization("key_groups", "heads"), "unknown grouping"),
+    "unknown-hidden-grouping": (assign_quantization("hidden_groups", "layers"), "unknown grouping"),
+    "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
     "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
 }
