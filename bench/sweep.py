@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         )
         body = "\n".join(
             [
-                table.markdown(),
+                *(table.markdown() for table in tables),
                 f"Per-item answers: [{raw.name}]({raw.name}).",
                 "",
                 f"![Frontier]({report.plot.name})",
