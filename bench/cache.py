@@ -21,19 +21,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from accuracy import STORED_FACTOR, stored_budget
 from common import MIB, Report, Table, cell, interleaved, medians, prompt_ids, reduced_run, write_section
+from safetensors import safe_open
 
 from core.documents import read_documents
 from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.stats import RunStats
-from core.store import load_cache, save_cache
+from core.store import dequantized, load_cache, save_cache
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
 MODEL_TOKENS = [8192, 16384]  # any other model (#13: 8K and 16K on the benchmark model)
@@ -108,6 +110,20 @@ def load(engine: Engine, path: Path) -> None:
     load_cache(path, engine.loaded.device, engine.loaded.dtype)
 
 
+def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object], Callable[[], object] | None]:
+    """#13 item 2, the two ways to hold a loaded cache between questions: de-quantized (what load_cache
+    does) or as stored, de-quantizing a fresh copy for each question -> (bytes de-quantized, bytes as
+    stored, each question's copy one way, the other way; None for a float file)."""
+    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+    resident = sum(layer.nbytes for layer in cache.layers) + (0 if cache.paused is None else cache.paused.nbytes)
+    with safe_open(str(path), framework="pt") as f:
+        stored = {name: f.get_tensor(name) for name in f.keys()}
+    stored_bytes = sum(tensor.nbytes for tensor in stored.values())
+    if manifest["quantization"] is None:
+        return resident, stored_bytes, cache.clone, None
+    return resident, stored_bytes, cache.clone, partial(dequantized, path, stored, manifest)
+
+
 def query_from_disk(engine: Engine, path: Path) -> None:
     """What `cache query` does for its first question: load the file, append the question, first token."""
     start = time.perf_counter()
@@ -144,6 +160,10 @@ class Row:
     load_s: float
     query_s: float
     speedup: float  # fullkv re-prefill seconds over query_s
+    resident_bytes: int = 0  # the loaded cache, de-quantized to the model's dtype
+    stored_bytes: int = 0  # its tensors as the file stores them (codes, scales, zero points)
+    copy_s: float | None = None  # each question's fresh copy of the de-quantized cache
+    dequantize_s: float | None = None  # each question's copy made by de-quantizing the stored tensors
     fresh_s: float | None = None
 
 
@@ -155,10 +175,15 @@ def measure(engine: Engine, tokens: int, made: list[Kind], repeats: int, fresh: 
         document = write_document(engine, tokens, folder)
         files = build_all(engine, document, folder, made)
         fns = {REPREFILL: partial(ask_again, engine, document)}
+        held = {}
         for name, paths in files.items():
             for dtype, path in paths.items():
                 fns[f"load {name} {dtype}"] = partial(load, engine, path)
                 fns[f"query {name} {dtype}"] = partial(query_from_disk, engine, path)
+                held[name, dtype] = in_memory(engine, path)
+                fns[f"copy {name} {dtype}"] = held[name, dtype][2]
+                if held[name, dtype][3] is not None:
+                    fns[f"dequantize {name} {dtype}"] = held[name, dtype][3]
         seconds = medians(interleaved(fns, repeats))
         full = files["fullkv"]["float16"].stat().st_size
         rows = []
@@ -166,9 +191,11 @@ def measure(engine: Engine, tokens: int, made: list[Kind], repeats: int, fresh: 
             for dtype, path in paths.items():
                 size, query_s = path.stat().st_size, seconds[f"query {name} {dtype}"]
                 fresh_s = fresh_process_seconds(path, repeats) if fresh else None
+                resident, stored = held[name, dtype][:2]
                 rows.append(
                     Row(name, dtype, size, size / full, seconds[f"load {name} {dtype}"], query_s,
-                        seconds[REPREFILL] / query_s, fresh_s)
+                        seconds[REPREFILL] / query_s, resident, stored, seconds[f"copy {name} {dtype}"],
+                        seconds.get(f"dequantize {name} {dtype}"), fresh_s)
                 )  # fmt: skip
     return rows, seconds[REPREFILL]
 
@@ -176,13 +203,18 @@ def measure(engine: Engine, tokens: int, made: list[Kind], repeats: int, fresh: 
 def length_table(rows: list[Row], reprefill_s: float, tokens: int, model: str, budget: Budget, stored: Budget) -> Table:
     fresh = any(row.fresh_s is not None for row in rows)
     headers = ["cache", "storage", "file MiB", "% of float16 fullkv file", "load s", "query TTFT s"]
-    headers += ["× fullkv re-prefill", *(["fresh process s"] if fresh else [])]
+    headers += ["× fullkv re-prefill", "held MiB: de-quantized / as stored", "per question: copy s / de-quantize s"]
+    headers += ["fresh process s"] if fresh else []
     table = Table(title=f"Saved caches at {tokens} tokens ({model}), budget {budget}", headers=headers, text_columns=2)
-    table.rows.append([f"{REPREFILL} (ask with the question)", "—", "—", "—", "—", cell(reprefill_s, 2), "1.0"])
+    table.rows.append(
+        [f"{REPREFILL} (ask with the question)", "—", "—", "—", "—", cell(reprefill_s, 2), "1.0", "—", "—"]
+    )
     table.rows[-1] += ["—"] if fresh else []
     for row in rows:
         table.rows.append([row.kind, row.dtype, cell(row.file_bytes / MIB, 1), cell(100 * row.share, 1, "%"),
-                           cell(row.load_s, 3), cell(row.query_s, 3), cell(row.speedup, 1)])  # fmt: skip
+                           cell(row.load_s, 3), cell(row.query_s, 3), cell(row.speedup, 1),
+                           f"{row.resident_bytes / MIB:.1f} / {row.stored_bytes / MIB:.1f}",
+                           f"{row.copy_s:.3f} / {cell(row.dequantize_s, 3)}"])  # fmt: skip
         table.rows[-1] += [cell(row.fresh_s, 2)] if fresh else []
     table.caption = (
         f"fullkv: every token; question-blind: fastkv {budget} without the question; two-stage: fastkv {stored}, "
@@ -191,7 +223,10 @@ def length_table(rows: list[Row], reprefill_s: float, tokens: int, model: str, b
         "Load: load_cache onto the model's device and dtype (int8/int4 de-quantized). Query TTFT: load the file + "
         "prefill the question over the cached context (re-selecting where the kind does) + first token, model "
         f"already loaded. {REPREFILL}: read + tokenize + prefill document and question + first token. Medians of "
-        "interleaved runs."
+        "interleaved runs. Held: the loaded cache kept between questions, de-quantized (what cache query and the "
+        "server do) or as stored; per question: the fresh copy each question starts from, a copy of the "
+        "de-quantized cache or de-quantizing the stored tensors with store.dequantized, its per-tensor checks "
+        "included (#13: keep whichever is leaner and not slower)."
         + (" Fresh process: `python -m fastkv_cli cache query FILE Q --max-new-tokens 1` wall time." if fresh else "")
     )
     return table
