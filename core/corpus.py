@@ -86,13 +86,13 @@ class BuildTask:
     """`fastkv cache build --each -o DIR`: one cache file per document; an up-to-date one is kept."""
 
     method: Method
-    query_budget: Budget | None = None
-    questions: tuple[str, ...] = ()
-    truncate: str | None = None
-    cache_dtype: str = "float16"
-    ignore_memory: bool = False
-    query_aware: bool = False
-    force: bool = False
+    query_budget: Budget | None
+    questions: tuple[str, ...]
+    truncate: str | None
+    cache_dtype: str
+    ignore_memory: bool
+    query_aware: bool
+    force: bool
 
     def run(self, engine, item: Item, on_text: TextCallback, progress: Progress) -> tuple[list[dict], bool]:
         from core.store import save_cache

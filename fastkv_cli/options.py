@@ -54,7 +54,9 @@ Window = Annotated[
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
-DEFAULT_CACHE_DTYPE = "float16"  # what `cache build` stores (the CLI and the server alike)
+# what `cache build` stores (the CLI and the server alike; #13): a query-aware int4 file is 16-19% of a
+# float16 fullkv one and gave ask's answers on the held-out passkeys (docs/benchmarks.md); float16 is 64%
+DEFAULT_CACHE_DTYPE = "int4"
 CacheDtype = Annotated[
     str,
     typer.Option(

@@ -94,7 +94,7 @@ def test_build_writes_a_loadable_cache(built, model):
     assert summary["kept_tokens_per_layer"] == cache.kept_tokens_per_layer
     assert manifest["model"]["spec"] == str(model)
     assert manifest["method"]["name"] == "fastkv" and manifest["method"]["parameters"]["budget"] == "50%"
-    assert manifest["dtype"] == "float16"
+    assert manifest["dtype"] == "int4" and manifest["quantization"]["bits"] == 4  # the default storage
     assert [(d["name"], d["pages"]) for d in manifest["documents"]] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
     assert manifest["documents"][1]["sha256"] == hashlib.sha256(NOTES.encode()).hexdigest()
     assert cache.seq_len == manifest["context_tokens"] == summary["context_tokens"]
