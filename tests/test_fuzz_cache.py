@@ -16,6 +16,7 @@ from safetensors.torch import load, save
 
 from core.engine import Engine
 from core.errors import CacheFileError
+from core.kvcache import EMPTY
 from core.methods import Budget, make_method
 from core.models import LoadedModel
 from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
@@ -347,9 +348,14 @@ def assert_intact(path: Path, data: bytes) -> None:
         assert layer.keys.shape == layer.values.shape == (model["num_kv_heads"], n, model["head_dim"])
         assert layer.positions.shape == (model["num_kv_heads"], n)
         assert str(layer.keys.dtype).removeprefix("torch.") == stored_as
-        if n:
-            assert 0 <= int(layer.positions.min()) and int(layer.positions.max()) < manifest["context_tokens"]
-            assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
+        if n:  # from version 5 a row may start with empty slots (head-adaptive budgets), never be only them
+            empty = layer.positions == EMPTY
+            assert manifest["format_version"] >= 5 or not bool(empty.any())
+            assert not bool(empty[:, -1].any()) and not bool((empty[:, 1:] & ~empty[:, :-1]).any())
+            kept = layer.positions[~empty]
+            assert 0 <= int(kept.min()) and int(kept.max()) < manifest["context_tokens"]
+            assert bool((layer.positions[:, 1:] > layer.positions[:, :-1])[~empty[:, :-1]].all())
+            assert layer.padded == bool(empty.any())
     if manifest["paused_layer"] is not None:
         assert cache.paused.hidden.shape == (manifest["context_tokens"], model["hidden_size"])
         assert [layer.length for layer in cache.layers] == [
