@@ -41,10 +41,31 @@ def test_cli_answers_from_the_embedded_model():
     assert len(lines) == 1, result.stdout
     data = json.loads(lines[0])
     assert data["question"] == QUESTION
-    assert data["answer"].strip()
+    assert "1987" in data["answer"]  # `make demo`: the year the document states, at the default policy (#12)
     assert data["stats"]["context_tokens"] > 1000
     assert 0 < data["stats"]["new_tokens"] <= 24
     assert "Traceback" not in result.stderr
+
+
+def test_the_default_saved_cache_answers_what_the_document_states(tmp_path):
+    """`cache build` with no options (query-aware, int4: #13) then `cache query`: the demo's answer."""
+    path = tmp_path / "lighthouse.fkv"
+    build = subprocess.run(
+        [*fastkv_command(), "cache", "build", str(LIGHTHOUSE), "-o", str(path), "--json", "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    summary = json.loads(build.stdout)
+    assert summary["kind"] == "query-aware" and summary["cache_dtype"] == "int4"
+    assert summary["file_share_of_fullkv_float16"] <= 0.20
+
+    query = subprocess.run(
+        [*fastkv_command(), "cache", "query", str(path), QUESTION, "--json", "--max-new-tokens", "24"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+
+    assert query.returncode == 0, query.stderr
+    assert "1987" in json.loads(query.stdout)["answer"]
 
 
 def test_runner_logits_equal_hf_forward_on_the_real_model():
