@@ -54,8 +54,8 @@ Window = Annotated[
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
-# what `cache build` stores (the CLI and the server alike; #13): a query-aware int4 file is 16-19% of a
-# float16 fullkv one and gave ask's answers on the held-out passkeys (docs/benchmarks.md); float16 is 64%
+# what `cache build` stores (the CLI and the server alike; #13): the smallest storage whose query-aware
+# answers were ask's on >= 90% of the tuning half (11/12); its file is 16-19% of a float16 fullkv one
 DEFAULT_CACHE_DTYPE = "int4"
 CacheDtype = Annotated[
     str,
