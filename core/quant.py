@@ -17,6 +17,9 @@ from torch import Tensor
 
 BITS = {"int8": 8, "int4": 4}
 GROUP = 64  # elements per group, at most; the file records the size it used
+# the paused hidden states keep 8 bits whatever the storage: every query recomputes the deeper layers from
+# them, and at 4 bits their error changed far more answers than the keys' and values' (docs/benchmarks.md)
+HIDDEN_BITS = 8
 PARAM_DTYPE = torch.float16  # scales and zero points
 
 

@@ -20,13 +20,24 @@ from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
 from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
-from core.quant import BITS, PARAM_DTYPE, Quantized, dequantize, group_size, param_shape, quantize, stored_numel
+from core.quant import (
+    BITS,
+    HIDDEN_BITS,
+    PARAM_DTYPE,
+    Quantized,
+    dequantize,
+    group_size,
+    param_shape,
+    quantize,
+    stored_numel,
+)
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
-# versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
+# versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -109,7 +120,7 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
         if quantization is None:
             tensors[name] = tensor.to(CACHE_DTYPES[dtype]).contiguous().cpu()
             continue
-        q = quantize(tensor, quantization["bits"], quantization["group_size"], group_dim(name, quantization))
+        q = quantize(tensor, tensor_bits(name, quantization), quantization["group_size"], group_dim(name, quantization))
         for suffix, part in (("", q.codes), (".scale", q.scale), (".zero", q.zero)):
             tensors[name + suffix] = part.contiguous().cpu()
     for i, layer in enumerate(cache.layers):
@@ -124,6 +135,11 @@ def group_dim(name: str, quantization: dict) -> int:
     return -2 if grouping is not None and quantization[grouping] == "tokens" else -1
 
 
+def tensor_bits(name: str, quantization: dict) -> int:
+    """The bits of a stored tensor's codes: `hidden_bits` for the paused hidden states, `bits` for the rest."""
+    return quantization["hidden_bits"] if name == "paused.hidden" else quantization["bits"]
+
+
 def quantization_for(dtype: str, model: dict) -> dict | None:
     """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage)."""
     if dtype not in BITS:
@@ -132,7 +148,7 @@ def quantization_for(dtype: str, model: dict) -> dict | None:
     # the residual stream has a few channels a thousand times the rest (Qwen2.5: ~2000 against a median of
     # 0.2): grouped along channels, one of them flattens its whole group; along tokens it has its own scale
     groupings = {"key_groups": "tokens", "hidden_groups": "tokens"}
-    return {"bits": BITS[dtype], "group_size": group, **groupings, "scale_dtype": "float16"}
+    return {"bits": BITS[dtype], "hidden_bits": HIDDEN_BITS, "group_size": group, **groupings, "scale_dtype": "float16"}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -266,6 +282,8 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         manifest["quantization"] = None
     if version in (4, 5) and isinstance(manifest.get("quantization"), dict):
         manifest["quantization"]["hidden_groups"] = "channels"
+    if version in (4, 5, 6) and isinstance(manifest.get("quantization"), dict):
+        manifest["quantization"]["hidden_bits"] = manifest["quantization"].get("bits")
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -351,10 +369,19 @@ def check_quantization(manifest: dict) -> None:
         return
     if quantization is None:
         raise CacheFileError(f"manifest.quantization is missing for {dtype} tensors")
-    schema = {"bits": int, "group_size": int, "key_groups": str, "hidden_groups": str, "scale_dtype": str}
+    schema = {
+        "bits": int,
+        "hidden_bits": int,
+        "group_size": int,
+        "key_groups": str,
+        "hidden_groups": str,
+        "scale_dtype": str,
+    }
     check_manifest(quantization, schema, "manifest.quantization")
     if quantization["bits"] != BITS[dtype]:
         raise CacheFileError(f"manifest.quantization.bits is {quantization['bits']}, not {dtype}'s {BITS[dtype]}")
+    if quantization["hidden_bits"] not in BITS.values():
+        raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not 8 or 4")
     groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":
         raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
@@ -404,14 +431,14 @@ def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     """A quantized file's tensors -> float32 ones under the float names, after checking every code,
     scale and zero point tensor's shape and dtype and that scales are finite and positive."""
     quantization = manifest["quantization"]
-    bits, group = quantization["bits"], quantization["group_size"]
+    group = quantization["group_size"]
     floats = expected_names(manifest)
     parts = {name + suffix for name in floats if not name.endswith(".positions") for suffix in (".scale", ".zero")}
     if set(tensors) != floats | parts:
         raise names_mismatch(path, manifest)
     result = {name: tensors[name] for name in floats if name.endswith(".positions")}
     for name, shape in float_shapes(path, tensors, manifest).items():
-        dim = group_dim(name, quantization)
+        dim, bits = group_dim(name, quantization), tensor_bits(name, quantization)
         codes, scale, zero = tensors[name], tensors[name + ".scale"], tensors[name + ".zero"]
         expected = (stored_numel(math.prod(shape), bits),) if bits == 4 else shape
         if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:

@@ -88,18 +88,20 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 
 
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
+    """Keys, values and queries at the dtype's bits; the paused hidden states at 8 bits in an int4 file too."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == 6 and manifest["quantization"]["group_size"] == 16
-    pairs = [(a.keys, b.keys) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
-    pairs += [(a.values, b.values) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
-    pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden)]
-    pairs += [(cache.paused.queries, query_aware.cache.paused.queries)]
-    for loaded, original in pairs:
+    assert manifest["format_version"] == 7 and manifest["quantization"]["group_size"] == 16
+    assert manifest["quantization"]["hidden_bits"] == 8
+    pairs = [(a.keys, b.keys, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    pairs += [(a.values, b.values, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden, 8)]
+    pairs += [(cache.paused.queries, query_aware.cache.paused.queries, bits)]
+    for loaded, original, stored_bits in pairs:
         assert loaded.shape == original.shape and loaded.dtype == torch.float32
         if original.numel():  # half a step of the whole tensor's range bounds every group's error
             span = (original.max() - original.min()).item()
-            assert (loaded - original).abs().max().item() <= span / ((1 << bits) - 1) / 2 * 1.01
+            assert (loaded - original).abs().max().item() <= span / ((1 << stored_bits) - 1) / 2 * 1.01
 
 
 def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
@@ -114,11 +116,11 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
 
     others = [c for c in range(hidden.shape[1]) if c != 3]
     span = (hidden[:, others].max() - hidden[:, others].min()).item()
-    assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / 15 / 2 * 1.01
+    assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / 255 / 2 * 1.01  # 8 bits
 
 
 def test_a_version_5_file_with_hidden_states_grouped_along_channels_still_loads(query_aware, tmp_path):  # noqa: F811
-    path = tmp_path / "v6.fkv"
+    path = tmp_path / "v7.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, "int8")
     hidden, group = query_aware.cache.paused.hidden, 16
     q = quantize(hidden, 8, group, -1)
@@ -128,7 +130,7 @@ def test_a_version_5_file_with_hidden_states_grouped_along_channels_still_loads(
 
     def as_version_5(manifest):
         manifest["format_version"] = 5
-        del manifest["quantization"]["hidden_groups"]
+        del manifest["quantization"]["hidden_groups"], manifest["quantization"]["hidden_bits"]
 
     older = rewrite_manifest(
         rewrite_tensors(path, tmp_path / "t.fkv", along_channels), tmp_path / "v5.fkv", as_version_5
@@ -138,6 +140,26 @@ def test_a_version_5_file_with_hidden_states_grouped_along_channels_still_loads(
     assert manifest["format_version"] == 5 and manifest["quantization"]["hidden_groups"] == "channels"
     expected = dequantize(q, tuple(hidden.shape), 8, group, -1, torch.float32)
     assert torch.equal(cache.paused.hidden, expected)
+
+
+def test_a_version_6_int4_file_with_hidden_states_at_4_bits_still_loads(query_aware, tmp_path):  # noqa: F811
+    path = tmp_path / "v7.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, "int4")
+    hidden, group = query_aware.cache.paused.hidden, 16
+    q = quantize(hidden, 4, group, -2)
+
+    def at_4_bits(tensors):
+        tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
+
+    def as_version_6(manifest):
+        manifest["format_version"] = 6
+        del manifest["quantization"]["hidden_bits"]
+
+    older = rewrite_manifest(rewrite_tensors(path, tmp_path / "t.fkv", at_4_bits), tmp_path / "v6.fkv", as_version_6)
+    cache, manifest = load_cache(older, "cpu", torch.float32)
+
+    assert manifest["format_version"] == 6 and manifest["quantization"]["hidden_bits"] == 4
+    assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), 4, group, -2, torch.float32))
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
@@ -231,6 +253,8 @@ BAD_SCHEMES = {
     "unknown-grouping": (assign_quantization("key_groups", "heads"), "unknown grouping"),
     "unknown-hidden-grouping": (assign_quantization("hidden_groups", "layers"), "unknown grouping"),
     "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
+    "hidden-bits-unknown": (assign_quantization("hidden_bits", 3), "manifest.quantization.hidden_bits is 3"),
+    "no-hidden-bits": (lambda m: m["quantization"].pop("hidden_bits"), "quantization.hidden_bits is missing"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
     "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
 }

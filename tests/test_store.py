@@ -111,7 +111,7 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 6, "dtype": "float32", "quantization": None})
+    expected = json_roundtrip({**saved.manifest, "format_version": 7, "dtype": "float32", "quantization": None})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +311,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(7, "format_version"), "format version 7"),
+    "future-version": (assign(8, "format_version"), "format version 8"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
