@@ -101,8 +101,7 @@ def build_table(summary: dict) -> Table:
         kind += f" (paused after layer {summary['paused_layer']}; each question resumes at budget {summary['budget']})"
     elif kind == "two-stage":
         kind += f" (each question re-selects down to {summary['query_budget']})"
-    quantization = summary["quantization"]
-    storage = summary["cache_dtype"] + (f", groups of {quantization['group_size']}" if quantization else "")
+    stored = storage(summary["cache_dtype"], summary["quantization"], summary["paused_layer"] is not None)
     rows = [
         ("model load", seconds(summary["load_s"])),
         ("read", seconds(summary["read_s"])),
@@ -113,7 +112,7 @@ def build_table(summary: dict) -> Table:
         ),
         ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}" if kept else "—"),
         ("kind of cache", kind),
-        ("storage", storage),
+        ("storage", stored),
         (
             "file",
             f"{summary['file_bytes'] / MIB:.1f} MiB, {summary['file_share_of_fullkv_float16']:.0%} of a float16 "
@@ -162,11 +161,14 @@ def policy_line(manifest: dict) -> str:
     return " · ".join(parts) or "—"
 
 
-def storage(manifest: dict) -> str:
-    quantization = manifest["quantization"]
+def storage(dtype: str, quantization: dict | None, paused: bool) -> str:
+    """A cache's storage as built or read, e.g. "int4 in groups of 64, hidden states at 8 bits"."""
     if quantization is None:
-        return manifest["dtype"]
-    return f"{manifest['dtype']} in groups of {quantization['group_size']}"
+        return dtype
+    text = f"{dtype} in groups of {quantization['group_size']}"
+    if paused and quantization["hidden_bits"] != quantization["bits"]:
+        text += f", hidden states at {quantization['hidden_bits']} bits"
+    return text
 
 
 def cache_info_view(info: dict) -> Group:
@@ -175,6 +177,7 @@ def cache_info_view(info: dict) -> Group:
     method = manifest["method"]
     parameters = ", ".join(f"{key}={value}" for key, value in method["parameters"].items())
     kept = info["kept_tokens_per_layer"]
+    stored = storage(manifest["dtype"], manifest["quantization"], manifest["paused_layer"] is not None)
     summary = Table(show_header=False, box=None)
     summary.add_column(style="bold")
     summary.add_column()
@@ -195,7 +198,7 @@ def cache_info_view(info: dict) -> Group:
         ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"),
         (
             "file",
-            f"{info['file_bytes'] / MIB:.1f} MiB, {storage(manifest)}, format v{manifest['format_version']}, checksum ok",
+            f"{info['file_bytes'] / MIB:.1f} MiB, {stored}, format v{manifest['format_version']}, checksum ok",
         ),
         ("created", f"{manifest['created']} by fastkv {manifest['fastkv_version']}"),
     ]:

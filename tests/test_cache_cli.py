@@ -307,6 +307,8 @@ def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     )
     assert info["manifest"]["paused_layer"] == 1
     assert info["paused_bytes"] == load_cache(query_aware)[0].paused.nbytes > 0
+    assert "int4 in groups of 16, hidden states at 8 bits" in shown[query_aware]  # the default storage
+    assert "hidden states" not in shown[two_stage]  # it holds none
 
 
 def test_a_query_aware_cache_answers_as_ask_does(documents, model, tmp_path):
