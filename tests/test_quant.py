@@ -119,47 +119,41 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
     assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / 255 / 2 * 1.01  # 8 bits
 
 
-def test_a_version_5_file_with_hidden_states_grouped_along_channels_still_loads(query_aware, tmp_path):  # noqa: F811
-    path = tmp_path / "v7.fkv"
-    save_cache(path, query_aware.cache, query_aware.manifest, "int8")
-    hidden, group = query_aware.cache.paused.hidden, 16
-    q = quantize(hidden, 8, group, -1)
+OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
+    "v5-along-channels": (
+        5,
+        "int8",
+        8,
+        -1,
+        ("hidden_groups", "hidden_bits"),
+        {"hidden_groups": "channels", "hidden_bits": 8},
+    ),
+    "v6-at-4-bits": (6, "int4", 4, -2, ("hidden_bits",), {"hidden_groups": "tokens", "hidden_bits": 4}),
+}
 
-    def along_channels(tensors):
+
+@pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
+def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path, case):  # noqa: F811
+    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
+    version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
+    path = tmp_path / "v7.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, dtype)
+    hidden, group = query_aware.cache.paused.hidden, 16
+    q = quantize(hidden, bits, group, dim)
+
+    def as_written(tensors):
         tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
 
-    def as_version_5(manifest):
-        manifest["format_version"] = 5
-        del manifest["quantization"]["hidden_groups"], manifest["quantization"]["hidden_bits"]
+    def as_older(manifest):
+        manifest["format_version"] = version
+        for key in dropped:
+            del manifest["quantization"][key]
 
-    older = rewrite_manifest(
-        rewrite_tensors(path, tmp_path / "t.fkv", along_channels), tmp_path / "v5.fkv", as_version_5
-    )
+    older = rewrite_manifest(rewrite_tensors(path, tmp_path / "t.fkv", as_written), tmp_path / "old.fkv", as_older)
     cache, manifest = load_cache(older, "cpu", torch.float32)
 
-    assert manifest["format_version"] == 5 and manifest["quantization"]["hidden_groups"] == "channels"
-    expected = dequantize(q, tuple(hidden.shape), 8, group, -1, torch.float32)
-    assert torch.equal(cache.paused.hidden, expected)
-
-
-def test_a_version_6_int4_file_with_hidden_states_at_4_bits_still_loads(query_aware, tmp_path):  # noqa: F811
-    path = tmp_path / "v7.fkv"
-    save_cache(path, query_aware.cache, query_aware.manifest, "int4")
-    hidden, group = query_aware.cache.paused.hidden, 16
-    q = quantize(hidden, 4, group, -2)
-
-    def at_4_bits(tensors):
-        tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
-
-    def as_version_6(manifest):
-        manifest["format_version"] = 6
-        del manifest["quantization"]["hidden_bits"]
-
-    older = rewrite_manifest(rewrite_tensors(path, tmp_path / "t.fkv", at_4_bits), tmp_path / "v6.fkv", as_version_6)
-    cache, manifest = load_cache(older, "cpu", torch.float32)
-
-    assert manifest["format_version"] == 6 and manifest["quantization"]["hidden_bits"] == 4
-    assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), 4, group, -2, torch.float32))
+    assert manifest["format_version"] == version and read_as.items() <= manifest["quantization"].items()
+    assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), bits, group, dim, torch.float32))
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
