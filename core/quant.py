@@ -4,7 +4,8 @@ Each group of `group` consecutive elements along one dimension shares a scale an
 (its minimum): x ≈ zero + code * scale, code in [0, 2**bits - 1]. Keys are grouped along tokens
 (one scale per channel and group of tokens: KIVI, arXiv 2402.02750, finds key outliers live in
 channels); values, hidden states and queries along channels (one scale per token and group of
-channels). int4 codes are packed two to a byte, the first in the low nibble. Scales and zero points
+channels). Codes narrower than a byte are packed as one little-endian bit stream, the first code in the
+lowest bits: int4 two to a byte, 6-bit codes four to three bytes. Scales and zero points
 are float16, rounded so that every element stays inside its group's range: the rounding error of a
 code is at most half its group's scale.
 """
@@ -20,12 +21,18 @@ GROUP = 64  # elements per group, at most; the file records the size it used
 # the paused hidden states keep 8 bits whatever the storage: every query recomputes the deeper layers from
 # them, and at 4 bits their error changed far more answers than the keys' and values' (docs/benchmarks.md)
 HIDDEN_BITS = 8
+HIDDEN_BIT_WIDTHS = range(4, 9)  # what a file may name: the widths the quantizer packs and was measured at
 PARAM_DTYPE = torch.float16  # scales and zero points
+
+
+def hidden_bits(bits: int) -> int:
+    """The paused hidden states' width in a file of `bits`-bit codes: never fewer than the rest's."""
+    return max(bits, HIDDEN_BITS)
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """A tensor as stored: `codes` (uint8; int4 packed flat to ceil(numel / 2) bytes), per-group
+    """A tensor as stored: `codes` (uint8; below 8 bits packed flat to `stored_numel` bytes), per-group
     `scale` and `zero` in the tensor's shape with the grouped dimension cut to ceil(size / group)."""
 
     codes: Tensor
@@ -76,13 +83,13 @@ def quantize(x: Tensor, bits: int, group: int, dim: int) -> Quantized:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale, codes 0
     codes = ((g - zero.float().unsqueeze(dim + 1)) / scale.float().unsqueeze(dim + 1)).round_().clamp_(0, levels)
     codes = ungrouped(codes.to(torch.uint8), x.shape[dim], dim)
-    return Quantized(pack(codes) if bits == 4 else codes.contiguous(), scale, zero)
+    return Quantized(pack(codes, bits) if bits < 8 else codes.contiguous(), scale, zero)
 
 
 def dequantize(q: Quantized, shape: tuple[int, ...], bits: int, group: int, dim: int, dtype: torch.dtype) -> Tensor:
     """The tensor of `shape` that `q` stores, in `dtype` (shapes checked by the caller)."""
     dim = dim % len(shape)
-    codes = unpack(q.codes, math.prod(shape)).reshape(shape) if bits == 4 else q.codes
+    codes = unpack(q.codes, math.prod(shape), bits).reshape(shape) if bits < 8 else q.codes
     out = torch.empty(shape, dtype=torch.float32)
     whole = shape[dim] // group * group  # whole groups as a view, a short last group apart (no padding copy)
     for start, size in ((0, whole), (whole, shape[dim] - whole)):
@@ -96,22 +103,47 @@ def dequantize(q: Quantized, shape: tuple[int, ...], bits: int, group: int, dim:
     return out.to(dtype)
 
 
-def pack(codes: Tensor) -> Tensor:
-    """4-bit codes (uint8, values < 16) -> ceil(numel / 2) bytes, two codes a byte, the first low."""
+def packing(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole unit of `bits`-bit codes: (2, 1) for 4 bits, (4, 3) for 6."""
+    unit = math.lcm(bits, 8)
+    return unit // bits, unit // 8
+
+
+def overlaps(bits: int):
+    """(code j, byte k, shift) for every code of a unit that has bits in byte k: the code's bits start
+    `shift` bits above byte k's lowest (negative: below it)."""
+    per_unit, unit_bytes = packing(bits)
+    for j in range(per_unit):
+        for k in range(bits * j // 8, (bits * (j + 1) - 1) // 8 + 1):
+            yield j, k, bits * j - 8 * k
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """`bits`-bit codes (uint8) -> `stored_numel` bytes, the codes as one bit stream, the first lowest.
+    uint8 shifts drop what belongs to the next byte."""
+    per_unit, unit_bytes = packing(bits)
     flat = codes.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
+    if flat.numel() % per_unit:
+        flat = torch.cat([flat, flat.new_zeros(per_unit - flat.numel() % per_unit)])
+    units = flat.reshape(-1, per_unit)
+    packed = units.new_zeros(units.shape[0], unit_bytes)
+    for j, k, shift in overlaps(bits):
+        packed[:, k] |= units[:, j] << shift if shift >= 0 else units[:, j] >> -shift
+    return packed.reshape(-1)
 
 
-def unpack(packed: Tensor, numel: int) -> Tensor:
+def unpack(packed: Tensor, numel: int, bits: int) -> Tensor:
     """Inverse of `pack` -> `numel` codes, flat."""
-    codes = packed.new_empty(2 * packed.numel())
-    torch.bitwise_and(packed, 15, out=codes[0::2])
-    torch.bitwise_right_shift(packed, 4, out=codes[1::2])
-    return codes[:numel]
+    per_unit, unit_bytes = packing(bits)
+    units = packed.reshape(-1, unit_bytes)
+    codes = units.new_zeros(units.shape[0], per_unit)
+    for j, k, shift in overlaps(bits):
+        codes[:, j] |= units[:, k] >> shift if shift >= 0 else units[:, k] << -shift
+    codes &= (1 << bits) - 1
+    return codes.reshape(-1)[:numel]
 
 
 def stored_numel(numel: int, bits: int) -> int:
     """Elements of the stored codes tensor for `numel` values."""
-    return -(-numel // 2) if bits == 4 else numel
+    per_unit, unit_bytes = packing(bits)
+    return -(-numel // per_unit) * unit_bytes

@@ -22,22 +22,24 @@ from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
 from core.quant import (
     BITS,
-    HIDDEN_BITS,
+    HIDDEN_BIT_WIDTHS,
     PARAM_DTYPE,
     Quantized,
     dequantize,
     group_size,
+    hidden_bits,
     param_shape,
     quantize,
     stored_numel,
 )
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
-# versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
+# positions of a paused prefill's layers, which are every context token in order
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -123,9 +125,21 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
         q = quantize(tensor, tensor_bits(name, quantization), quantization["group_size"], group_dim(name, quantization))
         for suffix, part in (("", q.codes), (".scale", q.scale), (".zero", q.zero)):
             tensors[name + suffix] = part.contiguous().cpu()
+    paused_layer = None if cache.paused is None else cache.paused.layer
     for i, layer in enumerate(cache.layers):
-        tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
+        if not caches_every_token(paused_layer, i):
+            tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
     return tensors
+
+
+def caches_every_token(paused_layer: int | None, layer: int) -> bool:
+    """Whether `layer` holds every context token in order, its positions 0..n-1: a paused prefill's
+    layers up to the paused one. From version 8 a file does not store those positions."""
+    return paused_layer is not None and layer <= paused_layer
+
+
+def stores_positions(manifest: dict, layer: int) -> bool:
+    return manifest["format_version"] < 8 or not caches_every_token(manifest["paused_layer"], layer)
 
 
 def group_dim(name: str, quantization: dict) -> int:
@@ -148,7 +162,8 @@ def quantization_for(dtype: str, model: dict) -> dict | None:
     # the residual stream has a few channels a thousand times the rest (Qwen2.5: ~2000 against a median of
     # 0.2): grouped along channels, one of them flattens its whole group; along tokens it has its own scale
     groupings = {"key_groups": "tokens", "hidden_groups": "tokens"}
-    return {"bits": BITS[dtype], "hidden_bits": HIDDEN_BITS, "group_size": group, **groupings, "scale_dtype": "float16"}
+    bits = BITS[dtype]
+    return {"bits": bits, "hidden_bits": hidden_bits(bits), "group_size": group, **groupings, "scale_dtype": "float16"}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -222,12 +237,16 @@ def load_cache(
             raise CacheFileError(f"{path}: damaged tensor data ({error})") from None
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
+    return cache_from_tensors(path, tensors, manifest, device, dtype), manifest
+
+
+def cache_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict, device, dtype) -> KVCache:
+    """The cache that a file's tensors and manifest hold, checked as load_cache checks it."""
     if manifest["quantization"] is not None:
         tensors = dequantized(path, tensors, manifest)
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
     paused = paused_from_tensors(path, tensors, layers, manifest)
-    cache = KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
-    return cache, manifest
+    return KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
 
 
 def open_cache(path: Path):
@@ -380,8 +399,9 @@ def check_quantization(manifest: dict) -> None:
     check_manifest(quantization, schema, "manifest.quantization")
     if quantization["bits"] != BITS[dtype]:
         raise CacheFileError(f"manifest.quantization.bits is {quantization['bits']}, not {dtype}'s {BITS[dtype]}")
-    if quantization["hidden_bits"] not in BITS.values():
-        raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not 8 or 4")
+    if quantization["hidden_bits"] not in HIDDEN_BIT_WIDTHS:
+        widths = f"{HIDDEN_BIT_WIDTHS[0]} to {HIDDEN_BIT_WIDTHS[-1]}"
+        raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not {widths}")
     groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":
         raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
@@ -394,7 +414,8 @@ def check_quantization(manifest: dict) -> None:
 def expected_names(manifest: dict) -> set[str]:
     """The float tensors' and positions' names a file of this manifest holds."""
     model = manifest["model"]
-    names = {f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values", "positions")}
+    names = {f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values")}
+    names |= {f"layers.{i}.positions" for i in range(model["num_layers"]) if stores_positions(manifest, i)}
     if manifest["paused_layer"] is not None:
         names.add("paused.hidden")
         if manifest["format_version"] >= 3 and resumed_method(manifest).window is not None:
@@ -414,10 +435,11 @@ def float_shapes(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -
     model, context = manifest["model"], manifest["context_tokens"]
     shapes = {}
     for i in range(model["num_layers"]):
-        positions = tensors[f"layers.{i}.positions"]
-        if positions.dim() != 2 or positions.shape[0] != model["num_kv_heads"]:
+        positions = tensors.get(f"layers.{i}.positions")
+        if positions is not None and (positions.dim() != 2 or positions.shape[0] != model["num_kv_heads"]):
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
-        shape = (model["num_kv_heads"], positions.shape[1], model["head_dim"])
+        tokens = context if positions is None else positions.shape[1]
+        shape = (model["num_kv_heads"], tokens, model["head_dim"])
         shapes[f"layers.{i}.keys"] = shapes[f"layers.{i}.values"] = shape
     if manifest["paused_layer"] is not None:
         shapes["paused.hidden"] = (context, model["hidden_size"])
@@ -440,10 +462,12 @@ def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     for name, shape in float_shapes(path, tensors, manifest).items():
         dim, bits = group_dim(name, quantization), tensor_bits(name, quantization)
         codes, scale, zero = tensors[name], tensors[name + ".scale"], tensors[name + ".zero"]
-        expected = (stored_numel(math.prod(shape), bits),) if bits == 4 else shape
+        expected = (stored_numel(math.prod(shape), bits),) if bits < 8 else shape
         if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
             packed = (
-                f"{expected[0]:,} bytes of packed int4 codes" if bits == 4 else f"uint8 codes of shape {list(shape)}"
+                f"{expected[0]:,} bytes of packed {bits}-bit codes"
+                if bits < 8
+                else f"uint8 codes of shape {list(shape)}"
             )
             raise CacheFileError(f"{path}: {name} should hold {packed}, not {codes.dtype} {list(codes.shape)}")
         for part, tensor in ((".scale", scale), (".zero", zero)):
@@ -463,8 +487,10 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         raise names_mismatch(path, manifest)
     stored = CACHE_DTYPES.get(manifest["dtype"], DEQUANTIZED)
     layers = []
+    every = torch.arange(manifest["context_tokens"], dtype=torch.int32).expand(model["num_kv_heads"], -1)
     for i in range(model["num_layers"]):
-        keys, values, positions = (tensors[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
+        keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
+        positions = tensors[f"layers.{i}.positions"] if stores_positions(manifest, i) else every.clone()
         n = keys.shape[1] if keys.dim() == 3 else -1
         expected = (model["num_kv_heads"], n, model["head_dim"])
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or tuple(positions.shape) != expected[:2]:

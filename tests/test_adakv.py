@@ -146,7 +146,7 @@ def test_a_head_adaptive_cache_saves_loads_and_answers_as_in_memory(engine, tmp_
     path = tmp_path / "ada.fkv"
     save_cache(path, saved.cache, saved.manifest, storage)
     cache, manifest = load_cache(path, "cpu", torch.float32)
-    assert read_manifest(path)["format_version"] == 7 and manifest["method"]["name"] == "adakv"
+    assert read_manifest(path)["format_version"] == 8 and manifest["method"]["name"] == "adakv"
     for loaded, original in zip(cache.layers, saved.cache.layers, strict=True):
         assert torch.equal(loaded.positions, original.positions) and loaded.padded == original.padded
     if storage == "float32":

@@ -115,9 +115,10 @@ def test_a_paused_build_counts_its_layers_and_the_hidden_states_it_holds(tiny_mo
 
     paused = estimate_prefill(config, tokens, PauseAfter(layer=0), torch.float32, "cpu", saved_dtype=f16)
 
-    hidden = tokens * config.hidden_size
+    hidden, positions = tokens * config.hidden_size, 4 * config.num_key_value_heads * tokens
     assert paused.cache == full.cache // layers + hidden * 4  # one layer's cache, and float32 hidden states
-    assert paused.saving == full.saving // layers + 2 * hidden * 2  # their float16 copy and its bytes
+    # their float16 copy and its bytes, without the layer's positions: every token, not stored
+    assert paused.saving == full.saving // layers - 2 * positions + 2 * hidden * 2
     assert paused.activations == full.activations  # the layers it runs see every token, as fullkv's
 
 

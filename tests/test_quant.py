@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.engine import SavedContext
-from core.quant import dequantize, grouped, pack, param_shape, quantize, ungrouped, unpack
+from core.quant import HIDDEN_BITS, dequantize, grouped, pack, param_shape, quantize, stored_numel, ungrouped, unpack
 from core.stats import RunStats
 from core.store import load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
@@ -21,6 +21,7 @@ from tests.test_store import (  # noqa: F401  (fixtures)
     rewrite_manifest,
     rewrite_tensors,
     saved,
+    with_paused_positions,
 )
 
 # --- the arithmetic -----------------------------------------------------------------------------------
@@ -57,11 +58,20 @@ def test_a_constant_group_comes_back_exactly():
 
 
 @pytest.mark.parametrize("numel", [1, 2, 7, 64])
-def test_int4_packing_round_trips_codes_exactly(numel):
-    codes = torch.randint(0, 16, (numel,), dtype=torch.uint8)
-    packed = pack(codes)
-    assert packed.numel() == math.ceil(numel / 2)
-    assert torch.equal(unpack(packed, numel), codes)
+@pytest.mark.parametrize("bits", [4, 5, 6, 7])
+def test_packing_round_trips_codes_exactly_in_whole_bytes(numel, bits):
+    codes = torch.randint(0, 1 << bits, (numel,), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.numel() == stored_numel(numel, bits)
+    assert numel * bits <= 8 * packed.numel() < numel * bits + math.lcm(bits, 8)  # padded to a whole unit at most
+    assert torch.equal(unpack(packed, numel, bits), codes)
+
+
+def test_int4_codes_pack_two_to_a_byte_the_first_low_and_6_bit_codes_as_one_bit_stream():
+    codes = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
+    assert pack(codes, 4).tolist() == [0x21, 0x43, 0x05]
+    stream = sum(int(code) << (6 * i) for i, code in enumerate(codes.tolist()))  # little-endian, 8 codes: 6 bytes
+    assert pack(codes, 6).tolist() == list(stream.to_bytes(6, "little"))
 
 
 def test_grouping_pads_and_unpads():
@@ -88,14 +98,14 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 
 
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
-    """Keys, values and queries at the dtype's bits; the paused hidden states at 8 bits in an int4 file too."""
+    """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == 7 and manifest["quantization"]["group_size"] == 16
-    assert manifest["quantization"]["hidden_bits"] == 8
+    assert manifest["format_version"] == 8 and manifest["quantization"]["group_size"] == 16
+    assert manifest["quantization"]["hidden_bits"] == max(bits, HIDDEN_BITS)
     pairs = [(a.keys, b.keys, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(a.values, b.values, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
-    pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden, 8)]
+    pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden, max(bits, HIDDEN_BITS))]
     pairs += [(cache.paused.queries, query_aware.cache.paused.queries, bits)]
     for loaded, original, stored_bits in pairs:
         assert loaded.shape == original.shape and loaded.dtype == torch.float32
@@ -116,7 +126,8 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
 
     others = [c for c in range(hidden.shape[1]) if c != 3]
     span = (hidden[:, others].max() - hidden[:, others].min()).item()
-    assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / 255 / 2 * 1.01  # 8 bits
+    levels = (1 << max(4, HIDDEN_BITS)) - 1  # an int4 file's hidden states
+    assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / levels / 2 * 1.01
 
 
 OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
@@ -143,6 +154,7 @@ def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path,
 
     def as_written(tensors):
         tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
+        with_paused_positions(tensors, hidden.shape[0])
 
     def as_older(manifest):
         manifest["format_version"] = version

@@ -111,7 +111,7 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 7, "dtype": "float32", "quantization": None})
+    expected = json_roundtrip({**saved.manifest, "format_version": 8, "dtype": "float32", "quantization": None})
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +311,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(8, "format_version"), "format version 8"),
+    "future-version": (assign(9, "format_version"), "format version 9"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
@@ -513,14 +513,27 @@ def drop_queries(tensors):
 def drop_last_token(layer: int):
     def edit(tensors):
         for part in ("keys", "values", "positions"):
-            tensors[f"layers.{layer}.{part}"] = tensors[f"layers.{layer}.{part}"][:, :-1].contiguous()
+            if f"layers.{layer}.{part}" in tensors:
+                tensors[f"layers.{layer}.{part}"] = tensors[f"layers.{layer}.{part}"][:, :-1].contiguous()
 
     return edit
 
 
 def fill_deeper_layer(tensors):
-    for part in ("keys", "values", "positions"):
+    for part in ("keys", "values"):
         tensors[f"layers.{NUM_LAYERS - 1}.{part}"] = tensors[f"layers.0.{part}"][:, :3].contiguous()
+    kv_heads = tensors["layers.0.keys"].shape[0]
+    tensors[f"layers.{NUM_LAYERS - 1}.positions"] = torch.arange(3, dtype=torch.int32).repeat(kv_heads, 1)
+
+
+def with_paused_positions(tensors, context: int | None = None):
+    """A version 7 or older file's tensors: the positions of a paused prefill's layers stored too.
+    `context`: the file's context tokens, where its hidden states are quantized codes."""
+    context = context or tensors["paused.hidden"].shape[0]
+    kv_heads = tensors["layers.0.keys.scale" if "layers.0.keys.scale" in tensors else "layers.0.keys"].shape[0]
+    for name in [name for name in tensors if name.endswith(".keys")]:
+        every = torch.arange(context, dtype=torch.int32).repeat(kv_heads, 1)
+        tensors.setdefault(name.removesuffix("keys") + "positions", every)
 
 
 PAUSED_CASES = {
@@ -538,7 +551,7 @@ PAUSED_CASES = {
         "queries have the wrong shape",
     ),
     "queries-in-float32": (update("paused.queries", lambda q: q.float()), "queries have the wrong dtype"),
-    "paused-layer-misses-a-token": (drop_last_token(1), "layer 1 of a paused prefill does not cache every"),
+    "paused-layer-misses-a-token": (drop_last_token(1), "layer 1 has tensors of the wrong shape"),
     "deeper-layer-caches-tokens": (fill_deeper_layer, f"layer {NUM_LAYERS - 1} is past the paused layer 1"),
 }
 
@@ -569,8 +582,20 @@ def test_a_paused_layer_its_method_does_not_resume_at_is_refused(query_aware_fil
     assert "is not where --method" in refusal(load_cache, path)
 
 
+def test_a_version_7_file_loads_the_paused_positions_it_stores(query_aware, query_aware_file, tmp_path):
+    """Up to version 7 a file stored the positions of a paused prefill's layers, and they were checked."""
+    path = rewrite_tensors(query_aware_file, tmp_path / "v7-tensors.fkv", with_paused_positions)
+    path = rewrite_manifest(path, tmp_path / "v7.fkv", assign(7, "format_version"))
+    cache, manifest = load_cache(path, "cpu", torch.float32)
+    for loaded, original in zip(cache.layers, query_aware.cache.layers, strict=True):
+        assert torch.equal(loaded.positions, original.positions)
+
+    short = rewrite_tensors(path, tmp_path / "v7-short.fkv", drop_last_token(1))
+    assert "layer 1 of a paused prefill does not cache every" in refusal(load_cache, short)
+
+
 def test_a_version_2_query_aware_file_without_held_queries_still_loads_and_answers(engine, query_aware_file, tmp_path):
-    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", drop_queries)
+    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", lambda t: (drop_queries(t), with_paused_positions(t)))
     path = rewrite_manifest(path, tmp_path / "v2-manifest.fkv", assign(2, "format_version"))
 
     cache, manifest = load_cache(path, "cpu", torch.float32)
