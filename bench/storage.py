@@ -1,0 +1,151 @@
+"""Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
+int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
+
+python bench/storage.py [--hidden-bits 8 6 5 4] [--half tuning|held-out] [--limit N] [--model M] [--no-write]
+
+Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
+go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
+`cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
+(fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
+stored tensors' bytes as a share of the float16 fullkv cache's. The choice it prints follows a rule fixed
+before any run: the smallest storage that keeps `ask`'s answer on at least 90% of the questions. Choose on
+`--half tuning`; report the choice's held-out numbers with bench/accuracy.py.
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
+from common import Report, Table, reduced_run, write_atomic, write_section
+from rich.console import Console
+from tasks import HALVES, docqa
+from tasks.scoring import score
+
+from core.engine import Engine, SavedContext
+from core.generation import Decoding
+from core.memory import Sizes, stored_bytes
+from core.methods import DEFAULT_METHOD, make_method
+from core.quant import HIDDEN_BIT_WIDTHS
+from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
+
+DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
+MAX_NEW_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Storage:
+    dtype: str
+    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states
+
+    @property
+    def label(self) -> str:
+        return self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
+
+    def quantization(self, model: dict) -> dict | None:
+        scheme = quantization_for(self.dtype, model)
+        return scheme if scheme is None else {**scheme, "hidden_bits": self.hidden_bits}
+
+
+def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
+    """`saved` as a file in `storage` would give it back, and the bytes of that file's tensors."""
+    quantization = storage.quantization(saved.manifest["model"])
+    tensors = cache_tensors(saved.cache, storage.dtype, quantization)
+    manifest = {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": storage.dtype}
+    manifest["quantization"] = quantization
+    device, dtype = engine.loaded.device, engine.loaded.dtype
+    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype)
+    return SavedContext(cache, manifest, saved.stats), sum(tensor.nbytes for tensor in tensors.values())
+
+
+def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding, console: Console) -> list[dict]:
+    """One record per question and storage; the first storage is the KL reference."""
+    method = make_method(DEFAULT_METHOD)
+    settings = Settings([Variant("ask", DEFAULT_METHOD, method.budget)], decoding, 1.0)
+    sizes = Sizes.of(engine.loaded.config)
+    records = []
+    for group in groups(items):
+        console.print(f"{group[0].group}: {len(group)} questions")
+        asked = [run_ask(engine, item, settings, lambda: None)[1].text for item in group]
+        reserved = max(len(question_ids(engine, item.question)) for item in group) + decoding.max_new_tokens
+        paused = engine.build([group[0].document], method, None, reserved=reserved, query_aware=True)
+        saved = SavedContext(paused.cache, paused.manifest, paused.stats)
+        context = saved.manifest["context_tokens"]
+        fullkv = stored_bytes(sizes, context * sizes.layers, 0, torch.float16)
+        reference = {}
+        for storage in storages:
+            copy, nbytes = stored(engine, saved, storage)
+            for item, ask_answer in zip(group, asked, strict=True):
+                answer, logits = query(engine, copy, item.question, decoding)
+                reference.setdefault(item.question, logits)
+                records.append({
+                    "group": item.group, "question": item.question, "storage": storage.label,
+                    "answer": answer, "ask_answer": ask_answer, "same_as_ask": answer == ask_answer,
+                    "correct": score(item.task, answer, item.answers).correct,
+                    "ask_correct": score(item.task, ask_answer, item.answers).correct,
+                    "kl": kl_divergence(reference[item.question], logits),
+                    "stored_bytes": nbytes, "fullkv_bytes": fullkv,
+                })  # fmt: skip
+    return records
+
+
+def table(records: list[dict], storages: list[Storage]) -> Table:
+    rows = []
+    for storage in storages:
+        mine = [r for r in records if r["storage"] == storage.label]
+        by_group = {r["group"]: r for r in mine}.values()  # sizes are per document
+        share = 100 * sum(r["stored_bytes"] for r in by_group) / sum(r["fullkv_bytes"] for r in by_group)
+        same = sum(r["same_as_ask"] for r in mine)
+        rows.append([
+            storage.label, f"{share:.1f}%", f"{same}/{len(mine)} ({100 * same / len(mine):.0f}%)",
+            f"{sum(r['correct'] for r in mine)}/{len(mine)}", f"{sum(r['kl'] for r in mine) / len(mine):.4f}",
+        ])  # fmt: skip
+    asked = [r for r in records if r["storage"] == storages[0].label]
+    caption = f"`ask` (fastkv, default budget) scores {sum(r['ask_correct'] for r in asked)}/{len(asked)}. "
+    caption += f"KL against {storages[0].label} storage, which is the reference."
+    headers = ["storage", "file (fullkv = 100%)", "same answer as ask", "score", "mean first-token KL"]
+    return Table("Saved-cache storage against ask's answers", headers, rows, caption)
+
+
+def choice(records: list[dict], storages: list[Storage]) -> str:
+    """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions."""
+    kept = []
+    for storage in storages:
+        mine = [r for r in records if r["storage"] == storage.label]
+        if 100 * sum(r["same_as_ask"] for r in mine) / len(mine) >= SAVED_TARGETS["same_as_ask"]:
+            kept.append((sum(r["stored_bytes"] for r in {r["group"]: r for r in mine}.values()), storage.label))
+    return f"smallest storage with ≥ 90% of ask's answers: {min(kept)[1] if kept else 'none'}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden-bits", type=int, nargs="+", choices=HIDDEN_BIT_WIDTHS, default=DEFAULT_HIDDEN_BITS)
+    parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
+    parser.add_argument("--limit", type=int, help="at most this many questions")
+    parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+    engine = Engine.load(args.model, args.device)
+    items = [item for item in docqa.items() if item.half == args.half][: args.limit]
+    storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
+    console = Console(stderr=True)
+    with torch.inference_mode():
+        records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
+    result, chosen = table(records, storages), choice(records, storages)
+    result.print()
+    print(chosen)
+    if not args.no_write:
+        report = Report.of(f"storage-{args.half}", f"Saved-cache storage, {args.half} half", engine.loaded.spec)
+        raw = report.plot.with_suffix(".json")
+        write_atomic(raw, json.dumps(records, indent=1) + "\n")
+        reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
+        body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`."
+        path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
+        print(f"wrote {path} and {raw}")
+
+
+if __name__ == "__main__":
+    main()
