@@ -18,9 +18,10 @@ from torch import Tensor
 
 BITS = {"int8": 8, "int4": 4}
 GROUP = 64  # elements per group, at most; the file records the size it used
-# the paused hidden states keep 8 bits whatever the storage: every query recomputes the deeper layers from
-# them, and at 4 bits their error changed far more answers than the keys' and values' (docs/benchmarks.md)
-HIDDEN_BITS = 8
+# the paused hidden states keep more bits than int4: every query recomputes the deeper layers from them, and
+# at 4 bits their error changed far more answers than the keys' and values'. 6 is the fewest that kept 90%
+# of `ask`'s answers on the tuning half (bench/storage.py; docs/benchmarks.md)
+HIDDEN_BITS = 6
 HIDDEN_BIT_WIDTHS = range(4, 9)  # what a file may name: the widths the quantizer packs and was measured at
 PARAM_DTYPE = torch.float16  # scales and zero points
 
