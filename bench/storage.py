@@ -91,32 +91,49 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
     return records
 
 
-def table(records: list[dict], storages: list[Storage]) -> Table:
-    rows = []
-    for storage in storages:
+@dataclass(frozen=True)
+class Result:
+    """One storage's records, summed."""
+
+    storage: Storage
+    questions: int
+    same_as_ask: int
+    correct: int
+    mean_kl: float
+    share: float  # stored bytes over the float16 fullkv cache's, over the documents, in %
+
+    @classmethod
+    def of(cls, records: list[dict], storage: Storage) -> "Result":
         mine = [r for r in records if r["storage"] == storage.label]
-        by_group = {r["group"]: r for r in mine}.values()  # sizes are per document
-        share = 100 * sum(r["stored_bytes"] for r in by_group) / sum(r["fullkv_bytes"] for r in by_group)
-        same = sum(r["same_as_ask"] for r in mine)
-        rows.append([
-            storage.label, f"{share:.1f}%", f"{same}/{len(mine)} ({100 * same / len(mine):.0f}%)",
-            f"{sum(r['correct'] for r in mine)}/{len(mine)}", f"{sum(r['kl'] for r in mine) / len(mine):.4f}",
-        ])  # fmt: skip
-    asked = [r for r in records if r["storage"] == storages[0].label]
+        documents = {r["group"]: r for r in mine}.values()  # sizes are per document
+        share = 100 * sum(r["stored_bytes"] for r in documents) / sum(r["fullkv_bytes"] for r in documents)
+        same, correct = sum(r["same_as_ask"] for r in mine), sum(r["correct"] for r in mine)
+        return cls(storage, len(mine), same, correct, sum(r["kl"] for r in mine) / len(mine), share)
+
+    @property
+    def keeps_answers(self) -> bool:
+        return 100 * self.same_as_ask / self.questions >= SAVED_TARGETS["same_as_ask"]
+
+
+def table(results: list[Result], records: list[dict]) -> Table:
+    rows = [
+        [r.storage.label, f"{r.share:.1f}%", f"{r.same_as_ask}/{r.questions} ({100 * r.same_as_ask / r.questions:.0f}%)",
+         f"{r.correct}/{r.questions}", f"{r.mean_kl:.4f}"]
+        for r in results
+    ]  # fmt: skip
+    reference = results[0].storage.label
+    asked = [r for r in records if r["storage"] == reference]
     caption = f"`ask` (fastkv, default budget) scores {sum(r['ask_correct'] for r in asked)}/{len(asked)}. "
-    caption += f"KL against {storages[0].label} storage, which is the reference."
+    caption += f"KL against {reference} storage, which is the reference."
     headers = ["storage", "file (fullkv = 100%)", "same answer as ask", "score", "mean first-token KL"]
     return Table("Saved-cache storage against ask's answers", headers, rows, caption)
 
 
-def choice(records: list[dict], storages: list[Storage]) -> str:
+def choice(results: list[Result]) -> str:
     """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions."""
-    kept = []
-    for storage in storages:
-        mine = [r for r in records if r["storage"] == storage.label]
-        if 100 * sum(r["same_as_ask"] for r in mine) / len(mine) >= SAVED_TARGETS["same_as_ask"]:
-            kept.append((sum(r["stored_bytes"] for r in {r["group"]: r for r in mine}.values()), storage.label))
-    return f"smallest storage with ≥ 90% of ask's answers: {min(kept)[1] if kept else 'none'}"
+    kept = [r for r in results if r.keeps_answers]
+    chosen = min(kept, key=lambda r: r.share).storage.label if kept else "none"
+    return f"smallest storage with ≥ 90% of ask's answers: {chosen}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(stderr=True)
     with torch.inference_mode():
         records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
-    result, chosen = table(records, storages), choice(records, storages)
+    results = [Result.of(records, storage) for storage in storages]
+    result, chosen = table(results, records), choice(results)
     result.print()
     print(chosen)
     if not args.no_write:

@@ -1,0 +1,49 @@
+"""bench/storage.py: its in-memory storage is what a file gives back, and its rule picks as it says."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.quant import HIDDEN_BITS
+from core.store import load_cache, save_cache
+from tests.helpers import assert_same_cache
+from tests.test_store import build, document, engine  # noqa: F401  (fixtures)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench scripts import each other
+import storage  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
+def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, tmp_path, dtype):  # noqa: F811
+    saved = build(engine, document, budget="20%", query_aware=True)
+    path = tmp_path / "c.fkv"
+    save_cache(path, saved.cache, saved.manifest, dtype)
+    from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+
+    in_memory, nbytes = storage.stored(engine, saved, storage.Storage(dtype, HIDDEN_BITS if dtype == "int4" else None))
+
+    assert_same_cache(in_memory.cache, from_file)
+    assert in_memory.manifest["quantization"] == manifest["quantization"]
+    assert nbytes < path.stat().st_size < nbytes + 64 * 1024  # the file adds its header alone
+
+
+def records(storage_label: str, same: list[bool], stored_bytes: int) -> list[dict]:
+    return [
+        {"group": "doc", "storage": storage_label, "same_as_ask": s, "correct": s, "kl": 0.0,
+         "stored_bytes": stored_bytes, "fullkv_bytes": 1000}
+        for s in same
+    ]  # fmt: skip
+
+
+def test_the_rule_picks_the_smallest_storage_keeping_nine_answers_in_ten():
+    kinds = [storage.Storage("float16"), storage.Storage("int4", 8), storage.Storage("int4", 6)]
+    kinds += [storage.Storage("int4", 4)]
+    kept, lost = [True] * 9 + [False], [True] * 8 + [False] * 2  # 90% keeps, 80% does not
+    data = records(kinds[0].label, [True] * 10, 640) + records(kinds[1].label, kept, 220)
+    data += records(kinds[2].label, kept, 200) + records(kinds[3].label, lost, 180)
+    results = [storage.Result.of(data, kind) for kind in kinds]
+
+    assert [r.share for r in results] == [64.0, 22.0, 20.0, 18.0]
+    assert storage.choice(results).endswith(": int4, hidden states at 6 bits")
+    assert storage.choice(results[3:]).endswith(": none")
