@@ -24,9 +24,8 @@ from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
 
-from core.engine import Engine, SavedContext
+from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
-from core.memory import Sizes, stored_bytes
 from core.methods import DEFAULT_METHOD, make_method
 from core.quant import HIDDEN_BIT_WIDTHS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
@@ -64,7 +63,6 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
     """One record per question and storage; the first storage is the KL reference."""
     method = make_method(DEFAULT_METHOD)
     settings = Settings([Variant("ask", DEFAULT_METHOD, method.budget)], decoding, 1.0)
-    sizes = Sizes.of(engine.loaded.config)
     records = []
     for group in groups(items):
         console.print(f"{group[0].group}: {len(group)} questions")
@@ -73,7 +71,7 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
         paused = engine.build([group[0].document], method, None, reserved=reserved, query_aware=True)
         saved = SavedContext(paused.cache, paused.manifest, paused.stats)
         context = saved.manifest["context_tokens"]
-        fullkv = stored_bytes(sizes, context * sizes.layers, 0, torch.float16)
+        fullkv = fullkv_file_bytes(saved.manifest["model"], context)
         reference = {}
         for storage in storages:
             copy, nbytes = stored(engine, saved, storage)
