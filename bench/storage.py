@@ -1,17 +1,14 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
-int4 with its paused hidden states at each width of --hidden-bits and its values grouped along each of
---value-groups, on the docqa questions of one half.
+int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
 
-python bench/storage.py [--hidden-bits 8 6 5 4] [--value-groups tokens channels] [--half tuning|held-out]
-    [--limit N] [--model M] [--tag NAME] [--no-write]
+python bench/storage.py [--hidden-bits 8 6 5 4] [--half tuning|held-out] [--limit N] [--model M] [--no-write]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
 stored tensors' bytes as a share of the float16 fullkv cache's. The choice it prints follows a rule fixed
-before any run: the smallest storage that keeps `ask`'s answer on at least 90% of the questions (of equal
-sizes, the one keeping more, then the one of lower KL). Choose on
+before any run: the smallest storage that keeps `ask`'s answer on at least 90% of the questions. Choose on
 `--half tuning`; report the choice's held-out numbers with bench/accuracy.py.
 """
 
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
-from common import Report, Table, reduced_run, tag, write_atomic, write_section
+from common import Report, Table, reduced_run, write_atomic, write_section
 from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
@@ -31,7 +28,7 @@ from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
 from core.quant import HIDDEN_BIT_WIDTHS
-from core.store import FORMAT_VERSION, GROUPINGS, cache_from_tensors, cache_tensors, quantization_for
+from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
 MAX_NEW_TOKENS = 24
@@ -41,18 +38,14 @@ MAX_NEW_TOKENS = 24
 class Storage:
     dtype: str
     hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states
-    value_groups: str = "tokens"  # the dimension a quantized dtype's groups of values run along
 
     @property
     def label(self) -> str:
-        if self.hidden_bits is None:
-            return self.dtype
-        return f"{self.dtype}, values grouped along {self.value_groups}, hidden states at {self.hidden_bits} bits"
+        return self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
 
     def quantization(self, model: dict) -> dict | None:
         scheme = quantization_for(self.dtype, model)
-        overrides = {"hidden_bits": self.hidden_bits, "value_groups": self.value_groups}
-        return scheme if scheme is None else {**scheme, **overrides}
+        return scheme if scheme is None else {**scheme, "hidden_bits": self.hidden_bits}
 
 
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
@@ -135,29 +128,24 @@ def table(results: list[Result], records: list[dict]) -> Table:
 
 
 def choice(results: list[Result]) -> str:
-    """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions;
-    among storages of one size to the table's 0.1 point (groupings differ by a last short group), the one
-    keeping more answers, then the lower KL."""
+    """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions."""
     kept = [r for r in results if r.keeps_answers]
-    chosen = min(kept, key=lambda r: (round(r.share, 1), -r.same_as_ask, r.mean_kl)).storage.label if kept else "none"
+    chosen = min(kept, key=lambda r: r.share).storage.label if kept else "none"
     return f"smallest storage with ≥ 90% of ask's answers: {chosen}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-bits", type=int, nargs="+", choices=HIDDEN_BIT_WIDTHS, default=DEFAULT_HIDDEN_BITS)
-    parser.add_argument("--value-groups", nargs="+", choices=GROUPINGS, default=list(GROUPINGS))
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--tag", type=tag, help="name this run's section and files apart from the others")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
     engine = Engine.load(args.model, args.device)
     items = [item for item in docqa.items() if item.half == args.half][: args.limit]
-    storages = [Storage("float16")]
-    storages += [Storage("int4", bits, grouping) for grouping in args.value_groups for bits in args.hidden_bits]
+    storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
     console = Console(stderr=True)
     with torch.inference_mode():
         records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
@@ -166,15 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     result.print()
     print(chosen)
     if not args.no_write:
-        name = "-".join(filter(None, ["storage", args.half, args.tag]))
-        heading = f"Saved-cache storage, {args.half} half" + (f" ({args.tag})" if args.tag else "")
-        report = Report.of(name, heading, engine.loaded.spec)
+        report = Report.of(f"storage-{args.half}", f"Saved-cache storage, {args.half} half", engine.loaded.spec)
         raw = report.plot.with_suffix(".json")
         write_atomic(raw, json.dumps(records, indent=1) + "\n")
-        reduced = reduced_run(
-            hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), value_groups=(args.value_groups, list(GROUPINGS)),
-            limit=(args.limit, None),
-        )  # fmt: skip
+        reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`."
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path} and {raw}")

@@ -163,8 +163,8 @@ def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) ->
     keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions (none
     with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8 and
     int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
-    point per group: keys, values and hidden states in groups of tokens per channel, a short last group
-    counted whole. About 6% beyond the codes for int8 in groups of 64."""
+    point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
+    a short last group counted whole. About 6% beyond the codes for int8 in groups of 64."""
     positions = 0 if paused else 4 * s.kv_heads * slots
     kv = 2 * slots * s.kv_width
     if dtype not in BITS:
@@ -172,8 +172,8 @@ def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) ->
             dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
         )
     group = group_size(s.head_dim, s.hidden)
-    groups = paused // group + (s.hidden if paused else 0)  # hidden states
-    groups += 2 * (slots * s.kv_width // group + s.layers * s.kv_width)  # keys, values: one short group a layer
+    groups = slots * s.kv_width // group + paused // group + (s.hidden if paused else 0)  # values, hidden states
+    groups += slots * s.kv_width // group + s.layers * s.kv_width  # keys: at most one short group per layer
     codes = -(-kv * BITS[dtype] // 8) - (-paused * hidden_bits(BITS[dtype]) // 8)
     return positions + codes + 2 * element_size(PARAM_DTYPE) * groups
 

@@ -33,18 +33,17 @@ from core.quant import (
     stored_numel,
 )
 
-FORMAT_VERSION = 9
+FORMAT_VERSION = 8
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
-# positions of a paused prefill's layers, which are every context token in order; versions up to 8
-# grouped quantized values along channels, with no `value_groups` to say so
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# positions of a paused prefill's layers, which are every context token in order
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
-GROUPINGS = ("tokens", "channels")  # the dimension a group of key, value or hidden-state elements runs along
+GROUPINGS = ("tokens", "channels")  # the dimension a group of key or hidden-state elements runs along
 DEQUANTIZED = torch.float32  # a quantized file's tensors as load_cache first rebuilds them
 
 # field -> type, or a nested schema; lists of dicts give the schema of one element.
@@ -143,14 +142,11 @@ def stores_positions(manifest: dict, layer: int) -> bool:
     return manifest["format_version"] < 8 or not caches_every_token(manifest["paused_layer"], layer)
 
 
-GROUPING_FIELDS = {".keys": "key_groups", ".values": "value_groups", "paused.hidden": "hidden_groups"}
-
-
 def group_dim(name: str, quantization: dict) -> int:
-    """The dimension a stored tensor's groups run along: keys per `key_groups`, values per `value_groups`,
-    the paused hidden states per `hidden_groups`, the queries along channels."""
-    field = next((field for end, field in GROUPING_FIELDS.items() if name.endswith(end)), None)
-    return -2 if field is not None and quantization[field] == "tokens" else -1
+    """The dimension a stored tensor's groups run along: keys per `key_groups`, the paused hidden states
+    per `hidden_groups`, the rest along channels."""
+    grouping = "key_groups" if name.endswith(".keys") else "hidden_groups" if name == "paused.hidden" else None
+    return -2 if grouping is not None and quantization[grouping] == "tokens" else -1
 
 
 def tensor_bits(name: str, quantization: dict) -> int:
@@ -165,9 +161,7 @@ def quantization_for(dtype: str, model: dict) -> dict | None:
     group = group_size(model["head_dim"], model["hidden_size"])
     # the residual stream has a few channels a thousand times the rest (Qwen2.5: ~2000 against a median of
     # 0.2): grouped along channels, one of them flattens its whole group; along tokens it has its own scale
-    # values along tokens too: one scale per channel lost less of them than one per token, measured on the
-    # tuning half of the benchmark model (bench/storage.py), where KIVI groups them per token
-    groupings = {"key_groups": "tokens", "value_groups": "tokens", "hidden_groups": "tokens"}
+    groupings = {"key_groups": "tokens", "hidden_groups": "tokens"}
     bits = BITS[dtype]
     return {"bits": bits, "hidden_bits": hidden_bits(bits), "group_size": group, **groupings, "scale_dtype": "float16"}
 
@@ -309,8 +303,6 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         manifest["quantization"]["hidden_groups"] = "channels"
     if version in (4, 5, 6) and isinstance(manifest.get("quantization"), dict):
         manifest["quantization"]["hidden_bits"] = manifest["quantization"].get("bits")
-    if version in (4, 5, 6, 7, 8) and isinstance(manifest.get("quantization"), dict):
-        manifest["quantization"]["value_groups"] = "channels"
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -401,7 +393,6 @@ def check_quantization(manifest: dict) -> None:
         "hidden_bits": int,
         "group_size": int,
         "key_groups": str,
-        "value_groups": str,
         "hidden_groups": str,
         "scale_dtype": str,
     }
@@ -411,7 +402,7 @@ def check_quantization(manifest: dict) -> None:
     if quantization["hidden_bits"] not in HIDDEN_BIT_WIDTHS:
         widths = f"{HIDDEN_BIT_WIDTHS[0]} to {HIDDEN_BIT_WIDTHS[-1]}"
         raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not {widths}")
-    groupings = [quantization[field] for field in GROUPING_FIELDS.values()]
+    groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":
         raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
     group = quantization["group_size"]

@@ -47,15 +47,3 @@ def test_the_rule_picks_the_smallest_storage_keeping_nine_answers_in_ten():
     assert [r.share for r in results] == [64.0, 22.0, 20.0, 18.0]
     assert storage.choice(results).endswith(": int4, hidden states at 6 bits")
     assert storage.choice(results[3:]).endswith(": none")
-
-
-def test_of_storages_of_one_size_the_rule_picks_the_one_keeping_more_answers_then_the_lower_kl():
-    plain, turned = storage.Storage("int4", 6), storage.Storage("int4", 6, "hadamard")
-    assert turned.label == "int4, hadamard-rotated, hidden states at 6 bits"
-    data = records(plain.label, [True] * 9 + [False], 200) + records(turned.label, [True] * 10, 200)
-    assert storage.choice([storage.Result.of(data, kind) for kind in (plain, turned)]).endswith(turned.label)
-
-    data = records(plain.label, [True] * 10, 200) + records(turned.label, [True] * 10, 200)
-    for record in data:
-        record["kl"] = 0.001 if record["storage"] == turned.label else 0.002
-    assert storage.choice([storage.Result.of(data, kind) for kind in (plain, turned)]).endswith(turned.label)

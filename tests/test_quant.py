@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from core.engine import SavedContext
-from core.kvcache import LayerKV
 from core.quant import HIDDEN_BITS, dequantize, grouped, pack, param_shape, quantize, stored_numel, ungrouped, unpack
 from core.stats import RunStats
-from core.store import FORMAT_VERSION, load_cache, save_cache
+from core.store import load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
     QUESTION,
     build,
@@ -102,7 +101,7 @@ def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_awa
     """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == FORMAT_VERSION and manifest["quantization"]["group_size"] == 16
+    assert manifest["format_version"] == 8 and manifest["quantization"]["group_size"] == 16
     assert manifest["quantization"]["hidden_bits"] == max(bits, HIDDEN_BITS)
     pairs = [(a.keys, b.keys, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(a.values, b.values, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
@@ -131,61 +130,31 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
     assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / levels / 2 * 1.01
 
 
-def test_an_outlier_channel_of_the_values_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
-    """Grouped along tokens, one scale per channel: a channel far larger than the rest does not stretch the
-    range the other channels of its token are rounded to, as it would grouped along channels."""
-    layers = list(query_aware.cache.layers)
-    values = layers[0].values.clone()
-    values[..., 3] = 100.0 * values.abs().max()
-    layers[0] = LayerKV(layers[0].keys, values, layers[0].positions)
-    save_cache(tmp_path / "int4.fkv", replace(query_aware.cache, layers=layers), query_aware.manifest, "int4")
-
-    loaded = load_cache(tmp_path / "int4.fkv", "cpu", torch.float32)[0].layers[0].values
-
-    others = [c for c in range(values.shape[-1]) if c != 3]
-    span = (values[..., others].max() - values[..., others].min()).item()
-    assert (loaded[..., others] - values[..., others]).abs().max().item() <= span / 15 / 2 * 1.01
-
-
-OLDER_FILES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
-    "v5-hidden-along-channels": (
+OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
+    "v5-along-channels": (
         5,
         "int8",
         8,
         -1,
-        ("hidden_groups", "hidden_bits", "value_groups"),
-        {"hidden_groups": "channels", "hidden_bits": 8, "value_groups": "channels"},
+        ("hidden_groups", "hidden_bits"),
+        {"hidden_groups": "channels", "hidden_bits": 8},
     ),
-    "v6-hidden-at-4-bits": (
-        6,
-        "int4",
-        4,
-        -2,
-        ("hidden_bits", "value_groups"),
-        {"hidden_groups": "tokens", "hidden_bits": 4, "value_groups": "channels"},
-    ),
-    "v8-values-along-channels": (8, "int4", 6, -2, ("value_groups",), {"hidden_bits": 6, "value_groups": "channels"}),
+    "v6-at-4-bits": (6, "int4", 4, -2, ("hidden_bits",), {"hidden_groups": "tokens", "hidden_bits": 4}),
 }
 
 
-@pytest.mark.parametrize("case", OLDER_FILES, ids=list(OLDER_FILES))
-def test_an_older_file_loads_as_written(query_aware, tmp_path, case):  # noqa: F811
-    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's
-    bits; versions 4 to 8 grouped the values along channels."""
-    version, dtype, bits, dim, dropped, read_as = OLDER_FILES[case]
-    path = tmp_path / "new.fkv"
+@pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
+def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path, case):  # noqa: F811
+    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
+    version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
+    path = tmp_path / "v7.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, dtype)
-    hidden, group, value_bits = query_aware.cache.paused.hidden, 16, 8 if dtype == "int8" else 4
+    hidden, group = query_aware.cache.paused.hidden, 16
     q = quantize(hidden, bits, group, dim)
-    values = [quantize(layer.values, value_bits, group, -1) for layer in query_aware.cache.layers]
 
     def as_written(tensors):
         tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
-        for i, v in enumerate(values):
-            tensors.update({f"layers.{i}.values": v.codes, f"layers.{i}.values.scale": v.scale})
-            tensors[f"layers.{i}.values.zero"] = v.zero
-        if version < 8:
-            with_paused_positions(tensors, hidden.shape[0])
+        with_paused_positions(tensors, hidden.shape[0])
 
     def as_older(manifest):
         manifest["format_version"] = version
@@ -197,9 +166,6 @@ def test_an_older_file_loads_as_written(query_aware, tmp_path, case):  # noqa: F
 
     assert manifest["format_version"] == version and read_as.items() <= manifest["quantization"].items()
     assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), bits, group, dim, torch.float32))
-    for loaded, original, v in zip(cache.layers, query_aware.cache.layers, values, strict=True):
-        shape = tuple(original.values.shape)
-        assert torch.equal(loaded.values, dequantize(v, shape, value_bits, group, -1, torch.float32))
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
@@ -293,8 +259,6 @@ BAD_SCHEMES = {
     "unknown-grouping": (assign_quantization("key_groups", "heads"), "unknown grouping"),
     "unknown-hidden-grouping": (assign_quantization("hidden_groups", "layers"), "unknown grouping"),
     "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
-    "unknown-value-grouping": (assign_quantization("value_groups", "heads"), "unknown grouping"),
-    "no-value-grouping": (lambda m: m["quantization"].pop("value_groups"), "quantization.value_groups is missing"),
     "hidden-bits-unknown": (assign_quantization("hidden_bits", 3), "manifest.quantization.hidden_bits is 3"),
     "no-hidden-bits": (lambda m: m["quantization"].pop("hidden_bits"), "quantization.hidden_bits is missing"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
