@@ -577,8 +577,11 @@ def storage_checks(outcomes: list[Outcome]) -> list[str]:
 
 
 def checks(outcomes: list[Outcome]) -> list[str]:
-    """The targets: a 'PASS|MISS|N/A target (measured)' line each; N/A where the run lacks what one needs."""
+    """The targets: a 'PASS|MISS|N/A target (measured)' line each; N/A where the run lacks what one needs.
+    None for a run with no variant at TARGET_BUDGET: a focused run, where every line would be N/A."""
     budget, tasks = Budget.parse(TARGET_BUDGET), tasks_of(outcomes)
+    if not any(o.variant.budget == budget for o in outcomes):
+        return []
     lines = [passkey_check(outcomes, budget)] if "passkey" in tasks else []
     lines += [docqa_check(outcomes, budget)] if "docqa" in tasks else []
     return [*lines, fidelity_check(outcomes, budget), *saved_cache_checks(outcomes, budget)]
@@ -623,10 +626,10 @@ SAVED_HEADING = "Saved caches against `ask` (#13), at each budget run:"
 def section_body(
     tables: list[Table], outcomes: list[Outcome], verdicts: list[str], saved: list[str], plot_path: Path
 ) -> str:
-    targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts]]
-    targets += ["", SAVED_HEADING, "", *[f"- {line}" for line in saved]] if saved else []
+    targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts], ""] if verdicts else []
+    targets += [SAVED_HEADING, "", *[f"- {line}" for line in saved], ""] if saved else []
     plot_link = f"![Accuracy against KV budget per method and mode]({plot_path.name})"
-    return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, "", plot_link, ""])
+    return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, plot_link, ""])
 
 
 def task_items(name: str, engine: Engine, lengths: list[int]) -> list[Item]:
@@ -720,7 +723,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     for table in tables:
         table.print()
     verdicts, saved = checks(outcomes), default_candidate_checks(outcomes) + storage_checks(outcomes)
-    print(fullkv_line(outcomes), f"Targets at budget {TARGET_BUDGET}:", *verdicts, sep="\n  ")
+    print(fullkv_line(outcomes), *([f"Targets at budget {TARGET_BUDGET}:", *verdicts] if verdicts else []), sep="\n  ")
     if saved:
         print(SAVED_HEADING, *saved, sep="\n  ")
     if minutes is not None:

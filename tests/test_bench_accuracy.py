@@ -356,3 +356,16 @@ def test_tiny_benchmark_run_on_the_embedded_model(capsys):
     printed = capsys.readouterr().out
     assert "fastkv" in printed and "Targets at budget" in printed
     assert (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8") == results  # --no-write
+
+
+def test_the_targets_are_judged_only_in_a_run_at_their_budget(tiny_engine, tiny_items):
+    """A focused run at other budgets has nothing to judge them on: no 'N/A' lines, no targets block."""
+    focused = accuracy.run_ask(tiny_engine, tiny_items[0], tiny_settings(["ask"]), advance=lambda: None)[0]
+    at_target = accuracy.plan(METHODS, [Budget.parse(accuracy.TARGET_BUDGET)], ["ask"], [None])
+    settings = accuracy.Settings(at_target, Decoding(max_new_tokens=6), accuracy.STORED_FACTOR)
+    judged = accuracy.run_ask(tiny_engine, tiny_items[0], settings, advance=lambda: None)[0]
+
+    assert accuracy.checks(focused) == []
+    assert any("gives fullkv's greedy answer" in line for line in accuracy.checks(judged))
+    body = accuracy.section_body([], focused, [], [], Path("p.png"))
+    assert "Targets at budget" not in body and body.endswith("(p.png)\n")
