@@ -1,20 +1,15 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
-int4 with its keys at each width of --key-bits, its paused hidden states at each of --hidden-bits and its
-groups along tokens of each size of --token-groups, on the docqa questions of one half.
+int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
 
-python bench/storage.py [--key-bits 4 5] [--hidden-bits 6 5] [--token-groups 128] [--half tuning|held-out]
-    [--limit N] [--model M] [--tag NAME] [--no-write]
+python bench/storage.py [--hidden-bits 8 6 5 4] [--half tuning|held-out] [--limit N] [--model M] [--no-write]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
 stored tensors' bytes as a share of the float16 fullkv cache's. The choice it prints follows a rule fixed
-before the run: of the storages that keep `ask`'s answer on at least 90% of the questions and whose file is
-at most 20% of the fullkv one (issue #13's bars), the one of the lowest KL. (Until format v8 the rule was
-the smallest storage keeping 90%: on 26 questions one answer is 4 points, too coarse to choose between
-storages that all keep 24 or 25, and its choice kept fewer on the held-out half.) Choose on `--half tuning`;
-report the choice's held-out numbers with bench/accuracy.py.
+before any run: the smallest storage that keeps `ask`'s answer on at least 90% of the questions. Choose on
+`--half tuning`; report the choice's held-out numbers with bench/accuracy.py.
 """
 
 import argparse
@@ -24,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
-from common import Report, Table, reduced_run, tag, write_atomic, write_section
+from common import Report, Table, reduced_run, write_atomic, write_section
 from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
@@ -32,34 +27,25 @@ from tasks.scoring import score
 from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
-from core.quant import CODE_WIDTHS, TOKEN_GROUP
+from core.quant import HIDDEN_BIT_WIDTHS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
-DEFAULT_KEY_BITS = [4, 5]
-DEFAULT_HIDDEN_BITS = [6, 5]
-DEFAULT_TOKEN_GROUPS = [TOKEN_GROUP]
-FILE_TARGET = 20.0  # #13: the default file at most this share of the float16 fullkv file, in %
+DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
 MAX_NEW_TOKENS = 24
 
 
 @dataclass(frozen=True)
 class Storage:
     dtype: str
-    key_bits: int | None = None  # a quantized dtype's widths for the keys and the paused hidden states
-    hidden_bits: int | None = None
-    token_group: int | None = None  # a quantized dtype's group size along tokens
+    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states
 
     @property
     def label(self) -> str:
-        if self.hidden_bits is None:
-            return self.dtype
-        widths = f"keys at {self.key_bits} bits, hidden states at {self.hidden_bits}"
-        return f"{self.dtype}, {widths}, groups of {self.token_group} tokens"
+        return self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
 
     def quantization(self, model: dict) -> dict | None:
         scheme = quantization_for(self.dtype, model)
-        chosen = {"key_bits": self.key_bits, "hidden_bits": self.hidden_bits, "token_group_size": self.token_group}
-        return scheme if scheme is None else {**scheme, **chosen}
+        return scheme if scheme is None else {**scheme, "hidden_bits": self.hidden_bits}
 
 
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
@@ -123,8 +109,8 @@ class Result:
         return cls(storage, len(mine), same, correct, sum(r["kl"] for r in mine) / len(mine), share)
 
     @property
-    def meets_bars(self) -> bool:
-        return 100 * self.same_as_ask / self.questions >= SAVED_TARGETS["same_as_ask"] and self.share <= FILE_TARGET
+    def keeps_answers(self) -> bool:
+        return 100 * self.same_as_ask / self.questions >= SAVED_TARGETS["same_as_ask"]
 
 
 def table(results: list[Result], records: list[dict]) -> Table:
@@ -142,31 +128,24 @@ def table(results: list[Result], records: list[dict]) -> Table:
 
 
 def choice(results: list[Result]) -> str:
-    """The rule fixed before the run: of the storages keeping ask's answer on ≥ 90% of the questions with a
-    file ≤ 20% of the fullkv one, the lowest mean first-token KL."""
-    eligible = [r for r in results if r.meets_bars]
-    chosen = min(eligible, key=lambda r: r.mean_kl).storage.label if eligible else "none"
-    return f"lowest KL with ≥ 90% of ask's answers and a file ≤ {FILE_TARGET:g}%: {chosen}"
+    """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions."""
+    kept = [r for r in results if r.keeps_answers]
+    chosen = min(kept, key=lambda r: r.share).storage.label if kept else "none"
+    return f"smallest storage with ≥ 90% of ask's answers: {chosen}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--key-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_KEY_BITS)
-    parser.add_argument("--hidden-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_HIDDEN_BITS)
-    parser.add_argument("--token-groups", type=int, nargs="+", default=DEFAULT_TOKEN_GROUPS)
+    parser.add_argument("--hidden-bits", type=int, nargs="+", choices=HIDDEN_BIT_WIDTHS, default=DEFAULT_HIDDEN_BITS)
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--tag", type=tag, help="name this run's section and files apart from the others")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args(argv)
     engine = Engine.load(args.model, args.device)
     items = [item for item in docqa.items() if item.half == args.half][: args.limit]
-    storages = [Storage("float16")] + [
-        Storage("int4", key, hidden, tokens)
-        for key in args.key_bits for hidden in args.hidden_bits for tokens in args.token_groups
-    ]  # fmt: skip
+    storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
     console = Console(stderr=True)
     with torch.inference_mode():
         records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
@@ -175,15 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     result.print()
     print(chosen)
     if not args.no_write:
-        name = "-".join(filter(None, ["storage", args.half, args.tag]))
-        heading = f"Saved-cache storage, {args.half} half" + (f" ({args.tag})" if args.tag else "")
-        report = Report.of(name, heading, engine.loaded.spec)
+        report = Report.of(f"storage-{args.half}", f"Saved-cache storage, {args.half} half", engine.loaded.spec)
         raw = report.plot.with_suffix(".json")
         write_atomic(raw, json.dumps(records, indent=1) + "\n")
-        reduced = reduced_run(
-            key_bits=(args.key_bits, DEFAULT_KEY_BITS), hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS),
-            token_groups=(args.token_groups, DEFAULT_TOKEN_GROUPS), limit=(args.limit, None),
-        )  # fmt: skip
+        reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`."
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path} and {raw}")

@@ -38,7 +38,7 @@ import torch
 
 from core.errors import MemoryLimitError
 from core.methods import Budget, Method
-from core.quant import BITS, PARAM_DTYPE, TOKEN_GROUP, group_size, hidden_bits, key_bits
+from core.quant import BITS, PARAM_DTYPE, group_size, hidden_bits
 
 GIB = 1 << 30
 FP32 = 4
@@ -162,21 +162,19 @@ def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) ->
     """The cache as `cache build` stores it in `dtype` (a torch float dtype or a --cache-dtype name):
     keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions (none
     with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8 and
-    int4 (core/quant.py) store codes, the keys' at quant.key_bits and the hidden states' at quant.hidden_bits,
-    plus a float16 scale and zero point per group: values in groups of channels; keys and hidden states in
-    groups of TOKEN_GROUP tokens per channel, a short last group counted whole. About 5% beyond the codes
-    for int8."""
+    int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
+    point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
+    a short last group counted whole. About 6% beyond the codes for int8 in groups of 64."""
     positions = 0 if paused else 4 * s.kv_heads * slots
     kv = 2 * slots * s.kv_width
     if dtype not in BITS:
         return positions + (kv + paused) * element_size(
             dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
         )
-    bits = BITS[dtype]
-    groups = slots * s.kv_width // group_size(s.head_dim, s.hidden)  # values
-    groups += paused // TOKEN_GROUP + (s.hidden if paused else 0)  # hidden states
-    groups += slots * s.kv_width // TOKEN_GROUP + s.layers * s.kv_width  # keys: at most one short group a layer
-    codes = -(-slots * s.kv_width * (key_bits(bits) + bits) // 8) - (-paused * hidden_bits(bits) // 8)
+    group = group_size(s.head_dim, s.hidden)
+    groups = slots * s.kv_width // group + paused // group + (s.hidden if paused else 0)  # values, hidden states
+    groups += slots * s.kv_width // group + s.layers * s.kv_width  # keys: at most one short group per layer
+    codes = -(-kv * BITS[dtype] // 8) - (-paused * hidden_bits(BITS[dtype]) // 8)
     return positions + codes + 2 * element_size(PARAM_DTYPE) * groups
 
 

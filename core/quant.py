@@ -17,27 +17,18 @@ import torch
 from torch import Tensor
 
 BITS = {"int8": 8, "int4": 4}
-GROUP = 64  # elements per group along channels, at most; the file records the size it used
-# An int4 file's keys and hidden states keep more bits than its values and queries: the 4-bit keys carry most
-# of the first-token KL against float16, and every query recomputes the deeper layers from the hidden states
-# (at 4 bits their error changed far more answers). Of the widths whose file stays within 20% of the float16
-# fullkv one, keys at 5 bits with the hidden states at 5, groups of 128 tokens (a scale and zero point per
-# channel then cost a quarter bit), had the lowest KL on the tuning half (bench/storage.py; docs/benchmarks.md)
-TOKEN_GROUP = 128  # tokens per group along tokens
-KEY_BITS = 5
-HIDDEN_BITS = 5
-CODE_WIDTHS = range(4, 9)  # the widths a file may name for the hidden states or keys: packed and measured
+GROUP = 64  # elements per group, at most; the file records the size it used
+# the paused hidden states keep more bits than int4: every query recomputes the deeper layers from them, and
+# at 4 bits their error changed far more answers than the keys' and values'. 6 is the fewest that kept 90%
+# of `ask`'s answers on the tuning half (bench/storage.py; docs/benchmarks.md)
+HIDDEN_BITS = 6
+HIDDEN_BIT_WIDTHS = range(4, 9)  # what a file may name: the widths the quantizer packs and was measured at
 PARAM_DTYPE = torch.float16  # scales and zero points
 
 
 def hidden_bits(bits: int) -> int:
     """The paused hidden states' width in a file of `bits`-bit codes: never fewer than the rest's."""
     return max(bits, HIDDEN_BITS)
-
-
-def key_bits(bits: int) -> int:
-    """The keys' width in a file of `bits`-bit codes: never fewer than the values'."""
-    return max(bits, KEY_BITS)
 
 
 @dataclass(frozen=True)

@@ -22,28 +22,24 @@ from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
 from core.quant import (
     BITS,
-    CODE_WIDTHS,
+    HIDDEN_BIT_WIDTHS,
     PARAM_DTYPE,
-    TOKEN_GROUP,
     Quantized,
     dequantize,
     group_size,
     hidden_bits,
-    key_bits,
     param_shape,
     quantize,
     stored_numel,
 )
 
-FORMAT_VERSION = 9
+FORMAT_VERSION = 8
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
-# positions of a paused prefill's layers, which are every context token in order; versions 4 to 8 stored
-# the keys at the dtype's bits and grouped along tokens as along channels, with no `key_bits` and no
-# `token_group_size`
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# positions of a paused prefill's layers, which are every context token in order
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -126,7 +122,7 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
         if quantization is None:
             tensors[name] = tensor.to(CACHE_DTYPES[dtype]).contiguous().cpu()
             continue
-        q = quantize(tensor, tensor_bits(name, quantization), *grouping(name, quantization))
+        q = quantize(tensor, tensor_bits(name, quantization), quantization["group_size"], group_dim(name, quantization))
         for suffix, part in (("", q.codes), (".scale", q.scale), (".zero", q.zero)):
             tensors[name + suffix] = part.contiguous().cpu()
     paused_layer = None if cache.paused is None else cache.paused.layer
@@ -146,21 +142,16 @@ def stores_positions(manifest: dict, layer: int) -> bool:
     return manifest["format_version"] < 8 or not caches_every_token(manifest["paused_layer"], layer)
 
 
-def grouping(name: str, quantization: dict) -> tuple[int, int]:
-    """(group size, dimension) of a stored tensor's groups: keys per `key_groups`, the paused hidden states
-    per `hidden_groups`, the rest along channels; `token_group_size` tokens or `group_size` channels."""
-    field = "key_groups" if name.endswith(".keys") else "hidden_groups" if name == "paused.hidden" else None
-    if field is not None and quantization[field] == "tokens":
-        return quantization["token_group_size"], -2
-    return quantization["group_size"], -1
+def group_dim(name: str, quantization: dict) -> int:
+    """The dimension a stored tensor's groups run along: keys per `key_groups`, the paused hidden states
+    per `hidden_groups`, the rest along channels."""
+    grouping = "key_groups" if name.endswith(".keys") else "hidden_groups" if name == "paused.hidden" else None
+    return -2 if grouping is not None and quantization[grouping] == "tokens" else -1
 
 
 def tensor_bits(name: str, quantization: dict) -> int:
-    """The bits of a stored tensor's codes: `hidden_bits` for the paused hidden states, `key_bits` for the
-    keys, `bits` for the rest."""
-    if name == "paused.hidden":
-        return quantization["hidden_bits"]
-    return quantization["key_bits"] if name.endswith(".keys") else quantization["bits"]
+    """The bits of a stored tensor's codes: `hidden_bits` for the paused hidden states, `bits` for the rest."""
+    return quantization["hidden_bits"] if name == "paused.hidden" else quantization["bits"]
 
 
 def quantization_for(dtype: str, model: dict) -> dict | None:
@@ -172,8 +163,7 @@ def quantization_for(dtype: str, model: dict) -> dict | None:
     # 0.2): grouped along channels, one of them flattens its whole group; along tokens it has its own scale
     groupings = {"key_groups": "tokens", "hidden_groups": "tokens"}
     bits = BITS[dtype]
-    widths = {"bits": bits, "key_bits": key_bits(bits), "hidden_bits": hidden_bits(bits)}
-    return {**widths, "group_size": group, "token_group_size": TOKEN_GROUP, **groupings, "scale_dtype": "float16"}
+    return {"bits": bits, "hidden_bits": hidden_bits(bits), "group_size": group, **groupings, "scale_dtype": "float16"}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -313,9 +303,6 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         manifest["quantization"]["hidden_groups"] = "channels"
     if version in (4, 5, 6) and isinstance(manifest.get("quantization"), dict):
         manifest["quantization"]["hidden_bits"] = manifest["quantization"].get("bits")
-    if version in (4, 5, 6, 7, 8) and isinstance(manifest.get("quantization"), dict):
-        manifest["quantization"]["key_bits"] = manifest["quantization"].get("bits")
-        manifest["quantization"]["token_group_size"] = manifest["quantization"].get("group_size")
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -403,10 +390,8 @@ def check_quantization(manifest: dict) -> None:
         raise CacheFileError(f"manifest.quantization is missing for {dtype} tensors")
     schema = {
         "bits": int,
-        "key_bits": int,
         "hidden_bits": int,
         "group_size": int,
-        "token_group_size": int,
         "key_groups": str,
         "hidden_groups": str,
         "scale_dtype": str,
@@ -414,12 +399,9 @@ def check_quantization(manifest: dict) -> None:
     check_manifest(quantization, schema, "manifest.quantization")
     if quantization["bits"] != BITS[dtype]:
         raise CacheFileError(f"manifest.quantization.bits is {quantization['bits']}, not {dtype}'s {BITS[dtype]}")
-    for field in ("key_bits", "hidden_bits"):
-        if quantization[field] not in CODE_WIDTHS:
-            widths = f"{CODE_WIDTHS[0]} to {CODE_WIDTHS[-1]}"
-            raise CacheFileError(f"manifest.quantization.{field} is {quantization[field]}, not {widths}")
-    if quantization["token_group_size"] < 1:
-        raise CacheFileError(f"manifest.quantization.token_group_size is {quantization['token_group_size']}, not ≥ 1")
+    if quantization["hidden_bits"] not in HIDDEN_BIT_WIDTHS:
+        widths = f"{HIDDEN_BIT_WIDTHS[0]} to {HIDDEN_BIT_WIDTHS[-1]}"
+        raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not {widths}")
     groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":
         raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
@@ -471,13 +453,14 @@ def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     """A quantized file's tensors -> float32 ones under the float names, after checking every code,
     scale and zero point tensor's shape and dtype and that scales are finite and positive."""
     quantization = manifest["quantization"]
+    group = quantization["group_size"]
     floats = expected_names(manifest)
     parts = {name + suffix for name in floats if not name.endswith(".positions") for suffix in (".scale", ".zero")}
     if set(tensors) != floats | parts:
         raise names_mismatch(path, manifest)
     result = {name: tensors[name] for name in floats if name.endswith(".positions")}
     for name, shape in float_shapes(path, tensors, manifest).items():
-        (group, dim), bits = grouping(name, quantization), tensor_bits(name, quantization)
+        dim, bits = group_dim(name, quantization), tensor_bits(name, quantization)
         codes, scale, zero = tensors[name], tensors[name + ".scale"], tensors[name + ".zero"]
         expected = (stored_numel(math.prod(shape), bits),) if bits < 8 else shape
         if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:

@@ -162,12 +162,10 @@ def policy_line(manifest: dict) -> str:
 
 
 def storage(dtype: str, quantization: dict | None, paused: bool) -> str:
-    """A cache's storage as built or read, e.g. "int4 in groups of 64 channels or 128 tokens, keys at 5 bits"."""
+    """A cache's storage as built or read, e.g. "int4 in groups of 64, hidden states at 8 bits"."""
     if quantization is None:
         return dtype
-    text = f"{dtype} in groups of {quantization['group_size']} channels or {quantization['token_group_size']} tokens"
-    if quantization["key_bits"] != quantization["bits"]:
-        text += f", keys at {quantization['key_bits']} bits"
+    text = f"{dtype} in groups of {quantization['group_size']}"
     if paused and quantization["hidden_bits"] != quantization["bits"]:
         text += f", hidden states at {quantization['hidden_bits']} bits"
     return text

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.quant import HIDDEN_BITS, KEY_BITS, TOKEN_GROUP
+from core.quant import HIDDEN_BITS
 from core.store import load_cache, save_cache
 from tests.helpers import assert_same_cache
 from tests.test_store import build, document, engine  # noqa: F401  (fixtures)
@@ -21,31 +21,29 @@ def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, 
     save_cache(path, saved.cache, saved.manifest, dtype)
     from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
 
-    kind = storage.Storage("int4", KEY_BITS, HIDDEN_BITS, TOKEN_GROUP) if dtype == "int4" else storage.Storage(dtype)
-    in_memory, nbytes = storage.stored(engine, saved, kind)
+    in_memory, nbytes = storage.stored(engine, saved, storage.Storage(dtype, HIDDEN_BITS if dtype == "int4" else None))
 
     assert_same_cache(in_memory.cache, from_file)
     assert in_memory.manifest["quantization"] == manifest["quantization"]
     assert nbytes < path.stat().st_size < nbytes + 64 * 1024  # the file adds its header alone
 
 
-def records(storage_label: str, same: list[bool], stored_bytes: int, kl: float) -> list[dict]:
+def records(storage_label: str, same: list[bool], stored_bytes: int) -> list[dict]:
     return [
-        {"group": "doc", "storage": storage_label, "same_as_ask": s, "correct": s, "kl": kl,
+        {"group": "doc", "storage": storage_label, "same_as_ask": s, "correct": s, "kl": 0.0,
          "stored_bytes": stored_bytes, "fullkv_bytes": 1000}
         for s in same
     ]  # fmt: skip
 
 
-def test_the_rule_picks_the_lowest_kl_of_the_storages_meeting_both_bars():
-    kinds = [storage.Storage("float16")] + [storage.Storage("int4", k, h, 128) for k, h in [(4, 6), (5, 5), (5, 6)]]
+def test_the_rule_picks_the_smallest_storage_keeping_nine_answers_in_ten():
+    kinds = [storage.Storage("float16"), storage.Storage("int4", 8), storage.Storage("int4", 6)]
+    kinds += [storage.Storage("int4", 4)]
     kept, lost = [True] * 9 + [False], [True] * 8 + [False] * 2  # 90% keeps, 80% does not
-    data = records(kinds[0].label, [True] * 10, 640, 0.0) + records(kinds[1].label, kept, 197, 0.002)
-    data += records(kinds[2].label, kept, 199, 0.001) + records(kinds[3].label, [True] * 10, 208, 0.0005)
+    data = records(kinds[0].label, [True] * 10, 640) + records(kinds[1].label, kept, 220)
+    data += records(kinds[2].label, kept, 200) + records(kinds[3].label, lost, 180)
     results = [storage.Result.of(data, kind) for kind in kinds]
 
-    assert [r.share for r in results] == [64.0, 19.7, 19.9, 20.8]
-    assert storage.choice(results).endswith(": int4, keys at 5 bits, hidden states at 5, groups of 128 tokens")
-    data = records(kinds[2].label, lost, 199, 0.001) + data[10:20]
-    assert storage.choice([storage.Result.of(data, kind) for kind in kinds[1:3]]).endswith("at 6, groups of 128 tokens")
-    assert storage.choice(results[3:]).endswith(": none")  # over 20% of the file
+    assert [r.share for r in results] == [64.0, 22.0, 20.0, 18.0]
+    assert storage.choice(results).endswith(": int4, hidden states at 6 bits")
+    assert storage.choice(results[3:]).endswith(": none")

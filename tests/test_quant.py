@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from core.engine import SavedContext
-from core.quant import (
-    HIDDEN_BITS,
-    KEY_BITS,
-    TOKEN_GROUP,
-    dequantize,
-    grouped,
-    pack,
-    param_shape,
-    quantize,
-    stored_numel,
-    ungrouped,
-    unpack,
-)
+from core.quant import HIDDEN_BITS, dequantize, grouped, pack, param_shape, quantize, stored_numel, ungrouped, unpack
 from core.stats import RunStats
-from core.store import FORMAT_VERSION, load_cache, save_cache
+from core.store import load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
     QUESTION,
     build,
@@ -110,16 +98,12 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 
 
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
-    """Values and queries at the dtype's bits; the keys at KEY_BITS and the paused hidden states at
-    HIDDEN_BITS in an int4 file."""
+    """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
-    quantization = manifest["quantization"]
-    bits = quantization["bits"]
-    assert manifest["format_version"] == FORMAT_VERSION and quantization["group_size"] == 16
-    assert quantization["token_group_size"] == TOKEN_GROUP
-    assert quantization["hidden_bits"] == max(bits, HIDDEN_BITS) and quantization["key_bits"] == max(bits, KEY_BITS)
-    keys_bits = max(bits, KEY_BITS)
-    pairs = [(a.keys, b.keys, keys_bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    bits = manifest["quantization"]["bits"]
+    assert manifest["format_version"] == 8 and manifest["quantization"]["group_size"] == 16
+    assert manifest["quantization"]["hidden_bits"] == max(bits, HIDDEN_BITS)
+    pairs = [(a.keys, b.keys, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(a.values, b.values, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
     pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden, max(bits, HIDDEN_BITS))]
     pairs += [(cache.paused.queries, query_aware.cache.paused.queries, bits)]
@@ -146,8 +130,8 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
     assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / levels / 2 * 1.01
 
 
-OLDER_FILES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
-    "v5-hidden-along-channels": (
+OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
+    "v5-along-channels": (
         5,
         "int8",
         8,
@@ -155,41 +139,33 @@ OLDER_FILES = {  # version, dtype, bits and grouped dimension of its hidden stat
         ("hidden_groups", "hidden_bits"),
         {"hidden_groups": "channels", "hidden_bits": 8},
     ),
-    "v6-hidden-at-4-bits": (6, "int4", 4, -2, ("hidden_bits",), {"hidden_groups": "tokens", "hidden_bits": 4}),
-    "v8-hidden-at-6-bits": (8, "int4", 6, -2, (), {"hidden_groups": "tokens", "hidden_bits": 6}),
+    "v6-at-4-bits": (6, "int4", 4, -2, ("hidden_bits",), {"hidden_groups": "tokens", "hidden_bits": 4}),
 }
 
 
-@pytest.mark.parametrize("case", OLDER_FILES, ids=list(OLDER_FILES))
-def test_an_older_file_loads_as_written(query_aware, tmp_path, case):  # noqa: F811
-    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's
-    bits; versions 4 to 8 stored the keys at the dtype's bits, grouped along tokens in `group_size`s."""
-    version, dtype, bits, dim, dropped, read_as = OLDER_FILES[case]
-    path = tmp_path / "new.fkv"
+@pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
+def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path, case):  # noqa: F811
+    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
+    version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
+    path = tmp_path / "v7.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, dtype)
-    hidden, group, dtype_bits = query_aware.cache.paused.hidden, 16, 8 if dtype == "int8" else 4
+    hidden, group = query_aware.cache.paused.hidden, 16
     q = quantize(hidden, bits, group, dim)
-    keys = [quantize(layer.keys, dtype_bits, group, -2) for layer in query_aware.cache.layers]
 
     def as_written(tensors):
-        for name, part in [("paused.hidden", q), *((f"layers.{i}.keys", k) for i, k in enumerate(keys))]:
-            tensors.update({name: part.codes, f"{name}.scale": part.scale, f"{name}.zero": part.zero})
-        if version < 8:
-            with_paused_positions(tensors, hidden.shape[0])
+        tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
+        with_paused_positions(tensors, hidden.shape[0])
 
     def as_older(manifest):
-        manifest["format_version"], manifest["quantization"]["hidden_bits"] = version, bits
-        for key in (*dropped, "key_bits", "token_group_size"):
+        manifest["format_version"] = version
+        for key in dropped:
             del manifest["quantization"][key]
 
     older = rewrite_manifest(rewrite_tensors(path, tmp_path / "t.fkv", as_written), tmp_path / "old.fkv", as_older)
     cache, manifest = load_cache(older, "cpu", torch.float32)
 
-    read_as = {**read_as, "key_bits": dtype_bits, "token_group_size": group}
     assert manifest["format_version"] == version and read_as.items() <= manifest["quantization"].items()
     assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), bits, group, dim, torch.float32))
-    for loaded, original, k in zip(cache.layers, query_aware.cache.layers, keys, strict=True):
-        assert torch.equal(loaded.keys, dequantize(k, tuple(original.keys.shape), dtype_bits, group, -2, torch.float32))
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
@@ -285,10 +261,6 @@ BAD_SCHEMES = {
     "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
     "hidden-bits-unknown": (assign_quantization("hidden_bits", 3), "manifest.quantization.hidden_bits is 3"),
     "no-hidden-bits": (lambda m: m["quantization"].pop("hidden_bits"), "quantization.hidden_bits is missing"),
-    "key-bits-unknown": (assign_quantization("key_bits", 9), "manifest.quantization.key_bits is 9"),
-    "no-key-bits": (lambda m: m["quantization"].pop("key_bits"), "quantization.key_bits is missing"),
-    "token-group-zero": (assign_quantization("token_group_size", 0), "token_group_size is 0"),
-    "no-token-group": (lambda m: m["quantization"].pop("token_group_size"), "token_group_size is missing"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
     "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
 }
