@@ -620,13 +620,14 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) ->
     fig.savefig(path, dpi=120)
 
 
+TARGETS_HEADING = f"Targets at budget {TARGET_BUDGET}:"
 SAVED_HEADING = "Saved caches against `ask` (#13), at each budget run:"
 
 
 def section_body(
     tables: list[Table], outcomes: list[Outcome], verdicts: list[str], saved: list[str], plot_path: Path
 ) -> str:
-    targets = [f"Targets at budget {TARGET_BUDGET}:", "", *[f"- {line}" for line in verdicts], ""] if verdicts else []
+    targets = [TARGETS_HEADING, "", *[f"- {line}" for line in verdicts], ""] if verdicts else []
     targets += [SAVED_HEADING, "", *[f"- {line}" for line in saved], ""] if saved else []
     plot_link = f"![Accuracy against KV budget per method and mode]({plot_path.name})"
     return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, plot_link, ""])
@@ -723,7 +724,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     for table in tables:
         table.print()
     verdicts, saved = checks(outcomes), default_candidate_checks(outcomes) + storage_checks(outcomes)
-    print(fullkv_line(outcomes), *([f"Targets at budget {TARGET_BUDGET}:", *verdicts] if verdicts else []), sep="\n  ")
+    print(fullkv_line(outcomes), *([TARGETS_HEADING, *verdicts] if verdicts else []), sep="\n  ")
     if saved:
         print(SAVED_HEADING, *saved, sep="\n  ")
     if minutes is not None:
