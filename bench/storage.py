@@ -43,14 +43,14 @@ class Storage:
     def label(self) -> str:
         return self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
 
-    def quantization(self, model: dict) -> dict | None:
-        scheme = quantization_for(self.dtype, model)
+    def quantization(self, manifest: dict) -> dict | None:
+        scheme = quantization_for(self.dtype, manifest["model"], manifest["paused_layer"])
         return scheme if scheme is None else {**scheme, "hidden_bits": self.hidden_bits}
 
 
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
     """`saved` as a file in `storage` would give it back, and the bytes of that file's tensors."""
-    quantization = storage.quantization(saved.manifest["model"])
+    quantization = storage.quantization(saved.manifest)
     tensors = cache_tensors(saved.cache, storage.dtype, quantization)
     manifest = {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": storage.dtype}
     manifest["quantization"] = quantization

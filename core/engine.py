@@ -120,7 +120,7 @@ def build_summary(saved: SavedContext, output: str, file_bytes: int, save_s: flo
         "query_budget": manifest["query_budget"],
         "paused_layer": manifest["paused_layer"],
         "cache_dtype": cache_dtype,
-        "quantization": quantization_for(cache_dtype, manifest["model"]),
+        "quantization": quantization_for(cache_dtype, manifest["model"], manifest["paused_layer"]),
         "fullkv_float16_bytes": full,
         "file_share_of_fullkv_float16": file_bytes / full,
         **saved.stats.to_dict(),

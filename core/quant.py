@@ -23,12 +23,23 @@ GROUP = 64  # elements per group, at most; the file records the size it used
 # of `ask`'s answers on the tuning half (bench/storage.py; docs/benchmarks.md)
 HIDDEN_BITS = 6
 HIDDEN_BIT_WIDTHS = range(4, 9)  # what a file may name: the widths the quantizer packs and was measured at
+CODE_WIDTHS = range(2, 9)  # the widths a file may name for a layer's keys and values
 PARAM_DTYPE = torch.float16  # scales and zero points
 
 
 def hidden_bits(bits: int) -> int:
     """The paused hidden states' width in a file of `bits`-bit codes: never fewer than the rest's."""
     return max(bits, HIDDEN_BITS)
+
+
+def paused_layer_bits(bits: int, layers: int) -> list[int]:
+    """The widths of the keys and values of a paused prefill's `layers` layers in a file of `bits`-bit codes.
+
+    Below 8 bits, a bit moves from the first quarter of the layers to the last: quantizing one layer's keys
+    or values at 4 bits moved a query's first token most in the layers nearest the pause (tuning half,
+    docs/benchmarks.md), and the file keeps its size (the widths average `bits`)."""
+    quarter = layers // 4 if bits < 8 else 0
+    return [bits - 1] * quarter + [bits] * (layers - 2 * quarter) + [bits + 1] * quarter
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
 from core.methods import make_method
 from core.quant import (
     BITS,
+    CODE_WIDTHS,
     HIDDEN_BIT_WIDTHS,
     PARAM_DTYPE,
     Quantized,
@@ -29,17 +30,19 @@ from core.quant import (
     group_size,
     hidden_bits,
     param_shape,
+    paused_layer_bits,
     quantize,
     stored_numel,
 )
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
-# positions of a paused prefill's layers, which are every context token in order
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+# positions of a paused prefill's layers, which are every context token in order; versions 4 to 8 stored
+# every layer's keys and values at the dtype's bits, with no `layer_bits`
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -150,12 +153,17 @@ def group_dim(name: str, quantization: dict) -> int:
 
 
 def tensor_bits(name: str, quantization: dict) -> int:
-    """The bits of a stored tensor's codes: `hidden_bits` for the paused hidden states, `bits` for the rest."""
-    return quantization["hidden_bits"] if name == "paused.hidden" else quantization["bits"]
+    """The bits of a stored tensor's codes: `hidden_bits` for the paused hidden states, `layer_bits` for the
+    keys and values of the layers it lists (a paused prefill's), `bits` for the rest."""
+    if name == "paused.hidden":
+        return quantization["hidden_bits"]
+    widths, layer = quantization["layer_bits"], int(name.split(".")[1]) if name.startswith("layers.") else None
+    return widths[layer] if layer is not None and layer < len(widths) else quantization["bits"]
 
 
-def quantization_for(dtype: str, model: dict) -> dict | None:
-    """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage)."""
+def quantization_for(dtype: str, model: dict, paused_layer: int | None) -> dict | None:
+    """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage), paused
+    after `paused_layer` (None: not paused)."""
     if dtype not in BITS:
         return None
     group = group_size(model["head_dim"], model["hidden_size"])
@@ -163,7 +171,9 @@ def quantization_for(dtype: str, model: dict) -> dict | None:
     # 0.2): grouped along channels, one of them flattens its whole group; along tokens it has its own scale
     groupings = {"key_groups": "tokens", "hidden_groups": "tokens"}
     bits = BITS[dtype]
-    return {"bits": bits, "hidden_bits": hidden_bits(bits), "group_size": group, **groupings, "scale_dtype": "float16"}
+    layer_bits = [] if paused_layer is None else paused_layer_bits(bits, paused_layer + 1)
+    widths = {"bits": bits, "hidden_bits": hidden_bits(bits), "layer_bits": layer_bits}
+    return {**widths, "group_size": group, **groupings, "scale_dtype": "float16"}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -199,7 +209,7 @@ def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16
     """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
     check_cache_dtype(dtype)
     check_target(path, force)
-    quantization = quantization_for(dtype, manifest["model"])
+    quantization = quantization_for(dtype, manifest["model"], manifest["paused_layer"])
     tensors = cache_tensors(cache, dtype, quantization)
     manifest = {
         **manifest,
@@ -303,6 +313,8 @@ def parse_manifest(path: Path, metadata: dict | None) -> dict:
         manifest["quantization"]["hidden_groups"] = "channels"
     if version in (4, 5, 6) and isinstance(manifest.get("quantization"), dict):
         manifest["quantization"]["hidden_bits"] = manifest["quantization"].get("bits")
+    if version in (4, 5, 6, 7, 8) and isinstance(manifest.get("quantization"), dict):
+        manifest["quantization"]["layer_bits"] = []
     try:
         check_manifest(manifest)
     except CacheFileError as error:
@@ -391,6 +403,7 @@ def check_quantization(manifest: dict) -> None:
     schema = {
         "bits": int,
         "hidden_bits": int,
+        "layer_bits": list,
         "group_size": int,
         "key_groups": str,
         "hidden_groups": str,
@@ -402,6 +415,12 @@ def check_quantization(manifest: dict) -> None:
     if quantization["hidden_bits"] not in HIDDEN_BIT_WIDTHS:
         widths = f"{HIDDEN_BIT_WIDTHS[0]} to {HIDDEN_BIT_WIDTHS[-1]}"
         raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not {widths}")
+    layer_bits = quantization["layer_bits"]
+    if len(layer_bits) > model["num_layers"] or any(
+        type(width) is not int or width not in CODE_WIDTHS for width in layer_bits
+    ):
+        widths = f"{CODE_WIDTHS[0]} to {CODE_WIDTHS[-1]}"
+        raise CacheFileError(f"manifest.quantization.layer_bits should list widths of {widths}, at most one a layer")
     groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":
         raise CacheFileError("manifest.quantization names an unknown grouping or scale dtype")
