@@ -168,6 +168,8 @@ def storage(dtype: str, quantization: dict | None, paused: bool) -> str:
     text = f"{dtype} in groups of {quantization['group_size']}"
     if paused and quantization["hidden_bits"] != quantization["bits"]:
         text += f", hidden states at {quantization['hidden_bits']} bits"
+    if len(set(widths := quantization["layer_bits"])) > 1:
+        text += f", the first layers at {min(widths)} to {max(widths)} bits"
     return text
 
 

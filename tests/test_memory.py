@@ -132,7 +132,8 @@ def test_the_saving_estimate_bounds_the_stored_tensors_scales_and_zeros_included
     ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
     cache = Runner(model).prefill(ids, method).cache
     sizes = Sizes.of(model.config)
-    quantization = quantization_for(dtype, {"head_dim": sizes.head_dim, "hidden_size": sizes.hidden})
+    model_fields = {"head_dim": sizes.head_dim, "hidden_size": sizes.hidden}
+    quantization = quantization_for(dtype, model_fields, 1 if paused else None)
 
     stored = sum(t.nbytes for t in cache_tensors(cache, dtype, quantization).values())
     estimate = estimate_prefill(model.config, tokens, method, torch.float32, "cpu", saved_dtype=dtype)

@@ -8,7 +8,19 @@ import pytest
 import torch
 
 from core.engine import SavedContext
-from core.quant import HIDDEN_BITS, dequantize, grouped, pack, param_shape, quantize, stored_numel, ungrouped, unpack
+from core.quant import (
+    CODE_WIDTHS,
+    HIDDEN_BITS,
+    dequantize,
+    grouped,
+    pack,
+    param_shape,
+    paused_layer_bits,
+    quantize,
+    stored_numel,
+    ungrouped,
+    unpack,
+)
 from core.stats import RunStats
 from core.store import load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
@@ -81,6 +93,15 @@ def test_grouping_pads_and_unpads():
     assert torch.equal(ungrouped(grouped(x, 4, 0), 2, 0), x)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 4, 12, 15, 30])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_paused_prefills_layers_spend_the_dtypes_bits_on_average_and_more_with_depth(bits, layers):
+    widths = paused_layer_bits(bits, layers)
+    assert len(widths) == layers and sum(widths) == bits * layers  # the file keeps its size
+    assert widths == sorted(widths) and set(widths) <= set(CODE_WIDTHS)
+    assert widths == [bits] * layers if bits == 8 or layers < 4 else widths[0] < bits < widths[-1]
+
+
 def test_a_group_that_does_not_divide_the_channels_is_refused():
     with pytest.raises(ValueError, match="does not divide"):
         quantize(torch.randn(2, 3, 24), 8, 16, -1)
@@ -100,11 +121,16 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
     """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
-    bits = manifest["quantization"]["bits"]
-    assert manifest["format_version"] == 8 and manifest["quantization"]["group_size"] == 16
-    assert manifest["quantization"]["hidden_bits"] == max(bits, HIDDEN_BITS)
-    pairs = [(a.keys, b.keys, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
-    pairs += [(a.values, b.values, bits) for a, b in zip(cache.layers, query_aware.cache.layers, strict=True)]
+    quantization = manifest["quantization"]
+    bits, paused = quantization["bits"], manifest["paused_layer"] + 1
+    assert manifest["format_version"] == 9 and quantization["group_size"] == 16
+    assert quantization["hidden_bits"] == max(bits, HIDDEN_BITS)
+    assert quantization["layer_bits"] == paused_layer_bits(bits, paused)
+    widths = quantization["layer_bits"] + [bits] * (len(cache.layers) - paused)
+    layers = list(zip(cache.layers, query_aware.cache.layers, widths, strict=True))
+    pairs = [(a.keys, b.keys, width) for a, b, width in layers] + [
+        (a.values, b.values, width) for a, b, width in layers
+    ]
     pairs += [(cache.paused.hidden, query_aware.cache.paused.hidden, max(bits, HIDDEN_BITS))]
     pairs += [(cache.paused.queries, query_aware.cache.paused.queries, bits)]
     for loaded, original, stored_bits in pairs:
@@ -112,6 +138,36 @@ def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_awa
         if original.numel():  # half a step of the whole tensor's range bounds every group's error
             span = (original.max() - original.min()).item()
             assert (loaded - original).abs().max().item() <= span / ((1 << stored_bits) - 1) / 2 * 1.01
+
+
+def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatch):  # noqa: F811
+    """The tiny model pauses after 2 layers, too few to shift a bit: give them 3 and 5 bits."""
+    uniform = save_cache(tmp_path / "uniform.fkv", query_aware.cache, query_aware.manifest, "int4")
+    monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [3, 5])
+    shifted = save_cache(tmp_path / "shifted.fkv", query_aware.cache, query_aware.manifest, "int4")
+    cache, manifest = load_cache(tmp_path / "shifted.fkv", "cpu", torch.float32)
+
+    assert manifest["quantization"]["layer_bits"] == [3, 5] and abs(shifted - uniform) <= 64  # same bytes, but padding
+    for layer, original, width in zip(cache.layers, query_aware.cache.layers, [3, 5], strict=False):
+        for loaded, stored in ((layer.keys, original.keys), (layer.values, original.values)):
+            span = (stored.max() - stored.min()).item()
+            assert (loaded - stored).abs().max().item() <= span / ((1 << width) - 1) / 2 * 1.01
+    assert cache.layers[0].keys.sub(query_aware.cache.layers[0].keys).abs().max() > 0  # 3 bits do round
+
+
+def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(query_aware, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [bits] * layers)
+    path = tmp_path / "v9.fkv"
+    save_cache(path, query_aware.cache, query_aware.manifest, "int4")
+    expected = load_cache(path, "cpu", torch.float32)[0]
+
+    def as_version_8(manifest):
+        manifest["format_version"] = 8
+        del manifest["quantization"]["layer_bits"]
+
+    cache, manifest = load_cache(rewrite_manifest(path, tmp_path / "v8.fkv", as_version_8), "cpu", torch.float32)
+    assert manifest["format_version"] == 8 and manifest["quantization"]["layer_bits"] == []
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, expected.layers, strict=True))
 
 
 def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
@@ -261,6 +317,13 @@ BAD_SCHEMES = {
     "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
     "hidden-bits-unknown": (assign_quantization("hidden_bits", 3), "manifest.quantization.hidden_bits is 3"),
     "no-hidden-bits": (lambda m: m["quantization"].pop("hidden_bits"), "quantization.hidden_bits is missing"),
+    "layer-bits-unknown": (assign_quantization("layer_bits", [9, 4]), "manifest.quantization.layer_bits should list"),
+    "layer-bits-too-many": (
+        assign_quantization("layer_bits", [4] * 99),
+        "manifest.quantization.layer_bits should list",
+    ),
+    "layer-bits-not-a-list": (assign_quantization("layer_bits", 4), "manifest.quantization.layer_bits should be list"),
+    "layer-bits-wrong-width": (assign_quantization("layer_bits", [3, 4]), "layers.0.keys should hold"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
     "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
 }

@@ -21,7 +21,15 @@ from core.methods import Budget, make_method
 from core.models import LoadedModel, load_model
 from core.prompt import encode_question
 from core.stats import RunStats
-from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
+from core.store import (
+    FORMAT_VERSION,
+    MANIFEST_KEY,
+    describe_cache,
+    load_cache,
+    read_manifest,
+    save_cache,
+    tensors_sha256,
+)
 from tests.helpers import assert_bit_equal, assert_same_cache, make_document
 
 QUESTION = "When was the lighthouse automated?"
@@ -111,7 +119,9 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip({**saved.manifest, "format_version": 8, "dtype": "float32", "quantization": None})
+    expected = json_roundtrip(
+        {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": "float32", "quantization": None}
+    )
     assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
     assert len(manifest["tensors_sha256"]) == 64
     assert read_manifest(path) == manifest
@@ -311,7 +321,7 @@ def assign(value, *keys):
 
 
 MANIFEST_CASES = {
-    "future-version": (assign(9, "format_version"), "format version 9"),
+    "future-version": (assign(FORMAT_VERSION + 1, "format_version"), f"format version {FORMAT_VERSION + 1}"),
     "version-as-bool": (assign(True, "format_version"), "format version True"),
     "version-as-string": (assign("1", "format_version"), "format version '1'"),
     "no-version": (delete("format_version"), "format version None"),
