@@ -169,7 +169,7 @@ def storage(dtype: str, quantization: dict | None, paused: bool) -> str:
     if paused and quantization["hidden_bits"] != quantization["bits"]:
         text += f", hidden states at {quantization['hidden_bits']} bits"
     if len(set(widths := quantization["layer_bits"])) > 1:
-        text += f", the first layers at {min(widths)} to {max(widths)} bits"
+        text += f", keys and values at {min(widths)} to {max(widths)} bits by layer"
     return text
 
 

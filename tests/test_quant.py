@@ -349,3 +349,16 @@ def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):  # noqa: 
     assert summary["kind"] == "one-stage" and summary["cache_dtype"] == "int4"
     assert summary["quantization"]["bits"] == 4
     assert summary["file_share_of_fullkv_float16"] == 1000 / summary["fullkv_float16_bytes"]
+
+
+def test_the_storage_line_names_the_widths_that_differ_from_the_dtypes():
+    from fastkv_cli.render import storage
+
+    scheme = {"bits": 4, "hidden_bits": 6, "layer_bits": [3, 4, 4, 5], "group_size": 64}
+    assert (
+        storage("int4", scheme, True)
+        == "int4 in groups of 64, hidden states at 6 bits, keys and values at 3 to 5 bits by layer"
+    )
+    assert (
+        storage("int8", {**scheme, "bits": 8, "hidden_bits": 8, "layer_bits": [8] * 4}, True) == "int8 in groups of 64"
+    )
