@@ -27,7 +27,7 @@ from tasks.scoring import score
 from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
-from core.quant import HIDDEN_BIT_WIDTHS
+from core.quant import CODE_WIDTHS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
@@ -136,7 +136,7 @@ def choice(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden-bits", type=int, nargs="+", choices=HIDDEN_BIT_WIDTHS, default=DEFAULT_HIDDEN_BITS)
+    parser.add_argument("--hidden-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_HIDDEN_BITS)
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")

@@ -22,8 +22,7 @@ GROUP = 64  # elements per group, at most; the file records the size it used
 # at 4 bits their error changed far more answers than the keys' and values'. 6 is the fewest that kept 90%
 # of `ask`'s answers on the tuning half (bench/storage.py; docs/benchmarks.md)
 HIDDEN_BITS = 6
-HIDDEN_BIT_WIDTHS = range(4, 9)  # what a file may name: the widths the quantizer packs and was measured at
-CODE_WIDTHS = range(2, 9)  # the widths a file may name for a layer's keys and values
+CODE_WIDTHS = range(2, 9)  # the widths a file may name for any stored tensor: what pack and unpack handle
 PARAM_DTYPE = torch.float16  # scales and zero points
 
 

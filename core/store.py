@@ -23,7 +23,6 @@ from core.methods import make_method
 from core.quant import (
     BITS,
     CODE_WIDTHS,
-    HIDDEN_BIT_WIDTHS,
     PARAM_DTYPE,
     Quantized,
     dequantize,
@@ -412,14 +411,13 @@ def check_quantization(manifest: dict) -> None:
     check_manifest(quantization, schema, "manifest.quantization")
     if quantization["bits"] != BITS[dtype]:
         raise CacheFileError(f"manifest.quantization.bits is {quantization['bits']}, not {dtype}'s {BITS[dtype]}")
-    if quantization["hidden_bits"] not in HIDDEN_BIT_WIDTHS:
-        widths = f"{HIDDEN_BIT_WIDTHS[0]} to {HIDDEN_BIT_WIDTHS[-1]}"
+    widths = f"{CODE_WIDTHS[0]} to {CODE_WIDTHS[-1]}"
+    if quantization["hidden_bits"] not in CODE_WIDTHS:
         raise CacheFileError(f"manifest.quantization.hidden_bits is {quantization['hidden_bits']}, not {widths}")
     layer_bits = quantization["layer_bits"]
     if len(layer_bits) > model["num_layers"] or any(
         type(width) is not int or width not in CODE_WIDTHS for width in layer_bits
     ):
-        widths = f"{CODE_WIDTHS[0]} to {CODE_WIDTHS[-1]}"
         raise CacheFileError(f"manifest.quantization.layer_bits should list widths of {widths}, at most one a layer")
     groupings = (quantization["key_groups"], quantization["hidden_groups"])
     if not set(groupings) <= set(GROUPINGS) or quantization["scale_dtype"] != "float16":

@@ -315,7 +315,7 @@ BAD_SCHEMES = {
     "unknown-grouping": (assign_quantization("key_groups", "heads"), "unknown grouping"),
     "unknown-hidden-grouping": (assign_quantization("hidden_groups", "layers"), "unknown grouping"),
     "no-hidden-grouping": (lambda m: m["quantization"].pop("hidden_groups"), "quantization.hidden_groups is missing"),
-    "hidden-bits-unknown": (assign_quantization("hidden_bits", 3), "manifest.quantization.hidden_bits is 3"),
+    "hidden-bits-unknown": (assign_quantization("hidden_bits", 9), "manifest.quantization.hidden_bits is 9"),
     "no-hidden-bits": (lambda m: m["quantization"].pop("hidden_bits"), "quantization.hidden_bits is missing"),
     "layer-bits-unknown": (assign_quantization("layer_bits", [9, 4]), "manifest.quantization.layer_bits should list"),
     "layer-bits-too-many": (
