@@ -115,8 +115,11 @@ class Runner:
         cache, layer_tokens, held_queries = KVCache(seq_len=ids.shape[0]), [], []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
-            h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
-            layer_tokens.append(h.shape[0])
+            if i == self.num_layers - 1:  # the last layer's output is read for the last token only
+                h = self.mlp(layer, h[-1:] + self.attend(layer, q[:, -1:], k, v, mask=None, causal=False))
+            else:
+                h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
+            layer_tokens.append(k.shape[1])
             selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
             if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
                 progress("prefill", self.num_layers, self.num_layers)
@@ -163,7 +166,11 @@ class Runner:
             valid = layer_kv.valid  # [kv_heads, keys]; None: no empty slots
             if valid is not None:
                 mask = per_head_mask(valid, self.num_heads // self.num_kv_heads, mask)
-            h = self.mlp(layer, h + self.attend(layer, q, layer_kv.keys, layer_kv.values, mask, causal=False))
+            if i == self.num_layers - 1:  # as in prefill: only the last token's output is read
+                h, q_read, mask = h[-1:], q[:, -1:], None if mask is None else mask[..., -1:, :]
+            else:
+                q_read = q
+            h = self.mlp(layer, h + self.attend(layer, q_read, layer_kv.keys, layer_kv.values, mask, causal=False))
             selection = Selection()
             if method is not None:
                 scoring = q if cache.paused is None else cache.paused.window_queries(i, q)
