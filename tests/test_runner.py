@@ -101,6 +101,25 @@ def test_extend_after_cached_context_equals_one_pass(tiny_model, chunks):
         assert (layer.values - one_pass.values).abs().max() < TOL
 
 
+def test_the_last_layer_runs_its_mlp_on_the_last_token_only(tiny_model):
+    """Only the last token's output of the last layer is read; every other layer runs on every token."""
+    rows = {}
+    hooks = [
+        layer.mlp.register_forward_hook(lambda module, args, out, i=i: rows.setdefault(i, []).append(args[0].shape[0]))
+        for i, layer in enumerate(tiny_model.model.layers)
+    ]
+    try:
+        runner = Runner(tiny_model)
+        cache = runner.prefill(random_ids(29, tiny_model.config.vocab_size, seed=6)).cache
+        runner.extend(cache, random_ids(5, tiny_model.config.vocab_size, seed=7))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    last = len(tiny_model.model.layers) - 1
+    assert rows == {i: [1, 1] if i == last else [29, 5] for i in range(last + 1)}
+
+
 def test_seeded_sampling_is_repeatable(tiny_model):
     ids = random_ids(17, tiny_model.config.vocab_size, seed=6)
     runner = Runner(tiny_model)
