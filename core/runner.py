@@ -162,15 +162,18 @@ class Runner:
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             cached = cache.layers[i].length
             layer_kv = cache.layers[i] = cache.layers[i].append(k, v, positions)
-            mask = appended_mask(h.shape[0], layer_kv.length, ids.device)  # past a resume: more than n tokens
             valid = layer_kv.valid  # [kv_heads, keys]; None: no empty slots
+            # a layer that held nothing (past a resume) sees only the tokens running through it: SDPA's own
+            # causal kernel, twice as fast on CPU as the same triangle given as a mask
+            causal = cached == 0 and valid is None
+            mask = None if causal else appended_mask(h.shape[0], layer_kv.length, ids.device)
             if valid is not None:
                 mask = per_head_mask(valid, self.num_heads // self.num_kv_heads, mask)
             if i == self.num_layers - 1:  # as in prefill: only the last token's output is read
-                h, q_read, mask = h[-1:], q[:, -1:], None if mask is None else mask[..., -1:, :]
+                h, q_read, mask, causal = h[-1:], q[:, -1:], None if mask is None else mask[..., -1:, :], False
             else:
                 q_read = q
-            h = self.mlp(layer, h + self.attend(layer, q_read, layer_kv.keys, layer_kv.values, mask, causal=False))
+            h = self.mlp(layer, h + self.attend(layer, q_read, layer_kv.keys, layer_kv.values, mask, causal))
             selection = Selection()
             if method is not None:
                 scoring = q if cache.paused is None else cache.paused.window_queries(i, q)
