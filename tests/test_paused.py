@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.generation import generate
 from core.methods import PauseAfter, make_method
@@ -68,3 +69,31 @@ def test_decoding_after_a_resume_equals_decoding_after_ask(tiny_model):
     expected = generate(runner, asked.cache, asked.logits, 8, stop_ids=set())
 
     assert resumed == expected and len(resumed) == 8
+
+
+def test_the_layers_past_a_resume_attend_with_the_causal_kernel(tiny_model, monkeypatch):
+    """Up to the pause the question reads the cached context through a mask; past it a layer holds only
+    the tokens running through it, a plain triangle: SDPA's causal kernel, with no [tokens, tokens] mask
+    (on CPU the mask runs at half the kernel's speed). The last layer reads its last token only."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2], attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    ids = random_ids(CONTEXT + QUESTION, tiny_model.config.vocab_size, seed=14)
+    runner = Runner(tiny_model)
+    method = make_method("fastkv", budget="20%", tsp_rate="20%")
+    pause = method.pause_layer(runner.num_layers)
+    cache = runner.prefill(ids[:CONTEXT], PauseAfter(pause)).cache
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    runner.extend(cache, ids[CONTEXT:], method)
+
+    last = runner.num_layers - 1
+    assert pause < last - 1 and len(calls) == runner.num_layers
+    assert calls[: pause + 1] == [(QUESTION, CONTEXT + QUESTION, True, False)] * (pause + 1)
+    propagated = calls[pause + 1][0]
+    assert QUESTION < propagated < CONTEXT + QUESTION
+    assert calls[pause + 1 : last] == [(propagated, propagated, False, True)] * (last - pause - 1)
+    assert calls[last] == (1, propagated, False, False)
