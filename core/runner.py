@@ -68,10 +68,10 @@ class Runner:
     def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden].
 
-        The queries are the last q.shape[1] of the keys' tokens: `causal` (prefill) or an explicit
-        `mask` (appended tokens) says so to SDPA; flash-attn's causal mask is aligned bottom-right,
-        which is that same mask in both cases. A per-head mask ([heads, n, keys]: a cache with empty
-        slots) goes to SDPA.
+        The queries are the last q.shape[1] of the keys' tokens: `causal` (the same tokens: a prefill, or
+        a layer that held nothing before an extend) or an explicit `mask` (tokens appended to a cache) says
+        so to SDPA; flash-attn's causal mask is aligned bottom-right, which is that same mask in both
+        cases. A per-head mask ([heads, n, keys]: a cache with empty slots) goes to SDPA.
         """
         if self.flash is not None and (mask is None or mask.dim() == 2):
             o = self.flash(
@@ -147,7 +147,8 @@ class Runner:
         """Append ids [n] after the cached context, in place; returns the last token's logits [vocab].
 
         New tokens attend to every cached key and causally to each other. SDPA's `is_causal`
-        aligns the triangle top-left when queries and keys differ in length, so the mask is explicit.
+        aligns the triangle top-left when queries and keys differ in length, so the mask is explicit
+        wherever the layer held tokens before.
         With a `method`, each layer's cache is then re-selected with the new tokens as the scoring
         window (the second stage of a saved cache: the question picks what stays). A paused cache is
         resumed where it paused: the tokens the method propagates there (all, if it propagates none)
