@@ -96,6 +96,14 @@ class Runner:
     def mlp(self, layer, h: Tensor) -> Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def rows_read(self, i: int, h: Tensor, q: Tensor, mask: Tensor | None, causal: bool):
+        """(h, q, mask, causal) for the rows layer i computes an output for: all of them, except in the
+        last layer, whose output is read for the last token only (the logits); the other tokens need
+        only its keys and values. The last row sees every key, so it needs no causal mask."""
+        if i < self.num_layers - 1:
+            return h, q, mask, causal
+        return h[-1:], q[:, -1:], None if mask is None else mask[..., -1:, :], False
+
     def logits(self, h_last: Tensor) -> Tensor:
         return self.model.lm_head(self.decoder.norm(h_last)).float()
 
@@ -115,10 +123,8 @@ class Runner:
         cache, layer_tokens, held_queries = KVCache(seq_len=ids.shape[0]), [], []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
-            if i == self.num_layers - 1:  # the last layer's output is read for the last token only
-                h = self.mlp(layer, h[-1:] + self.attend(layer, q[:, -1:], k, v, mask=None, causal=False))
-            else:
-                h = self.mlp(layer, h + self.attend(layer, q, k, v, mask=None, causal=True))
+            rows, q_rows, mask, causal = self.rows_read(i, h, q, None, True)
+            h = self.mlp(layer, rows + self.attend(layer, q_rows, k, v, mask, causal))
             layer_tokens.append(k.shape[1])
             selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
             if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
@@ -170,11 +176,8 @@ class Runner:
             mask = None if causal else appended_mask(h.shape[0], layer_kv.length, ids.device)
             if valid is not None:
                 mask = per_head_mask(valid, self.num_heads // self.num_kv_heads, mask)
-            if i == self.num_layers - 1:  # as in prefill: only the last token's output is read
-                h, q_read, mask, causal = h[-1:], q[:, -1:], None if mask is None else mask[..., -1:, :], False
-            else:
-                q_read = q
-            h = self.mlp(layer, h + self.attend(layer, q_read, layer_kv.keys, layer_kv.values, mask, causal))
+            rows, q_rows, mask, causal = self.rows_read(i, h, q, mask, causal)
+            h = self.mlp(layer, rows + self.attend(layer, q_rows, layer_kv.keys, layer_kv.values, mask, causal))
             selection = Selection()
             if method is not None:
                 scoring = q if cache.paused is None else cache.paused.window_queries(i, q)
