@@ -1,7 +1,11 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
 int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
+`--added-bits` adds int4 storages whose keys and values have that many more bits in every layer than the
+default's (hidden states at the default's width), and `--int8` int8 storage: the frontier between the
+file's size and `ask`'s answers.
 
-python bench/storage.py [--hidden-bits 8 6 5 4] [--half tuning|held-out] [--limit N] [--model M] [--no-write]
+python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--half tuning|held-out]
+                        [--limit N] [--model M] [--tag T] [--no-write]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
@@ -27,7 +31,7 @@ from tasks.scoring import score
 from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
-from core.quant import CODE_WIDTHS
+from core.quant import CODE_WIDTHS, HIDDEN_BITS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
@@ -37,15 +41,20 @@ MAX_NEW_TOKENS = 24
 @dataclass(frozen=True)
 class Storage:
     dtype: str
-    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states
+    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states (None: the default's)
+    added_bits: int = 0  # bits added to every paused layer's keys and values, over the default's widths
 
     @property
     def label(self) -> str:
-        return self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
+        label = self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
+        return label + (f", keys and values +{self.added_bits} bit by layer" if self.added_bits else "")
 
     def quantization(self, manifest: dict) -> dict | None:
         scheme = quantization_for(self.dtype, manifest["model"], manifest["paused_layer"])
-        return scheme if scheme is None else {**scheme, "hidden_bits": self.hidden_bits}
+        if scheme is None:
+            return None
+        layer_bits = [width + self.added_bits for width in scheme["layer_bits"]]
+        return {**scheme, "hidden_bits": self.hidden_bits or scheme["hidden_bits"], "layer_bits": layer_bits}
 
 
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
@@ -137,6 +146,9 @@ def choice(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_HIDDEN_BITS)
+    parser.add_argument("--added-bits", type=int, nargs="+", choices=range(1, 5), default=[])
+    parser.add_argument("--int8", action="store_true", help="int8 storage too")
+    parser.add_argument("--tag", help="suffix for the section and the answers file")
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
@@ -146,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine.load(args.model, args.device)
     items = [item for item in docqa.items() if item.half == args.half][: args.limit]
     storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
+    storages += [Storage("int4", HIDDEN_BITS, added) for added in args.added_bits] + [Storage("int8")] * args.int8
     console = Console(stderr=True)
     with torch.inference_mode():
         records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
@@ -154,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     result.print()
     print(chosen)
     if not args.no_write:
-        report = Report.of(f"storage-{args.half}", f"Saved-cache storage, {args.half} half", engine.loaded.spec)
+        name = f"storage-{args.half}" + (f"-{args.tag}" if args.tag else "")
+        title = f"Saved-cache storage, {args.half} half" + (f" ({args.tag})" if args.tag else "")
+        report = Report.of(name, title, engine.loaded.spec)
         raw = report.plot.with_suffix(".json")
         write_atomic(raw, json.dumps(records, indent=1) + "\n")
         reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))

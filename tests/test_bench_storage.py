@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench 
 import storage  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int4"])
+@pytest.mark.parametrize("dtype", ["float16", "int4", "int8"])
 def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, tmp_path, dtype):  # noqa: F811
     saved = build(engine, document, budget="20%", query_aware=True)
     path = tmp_path / "c.fkv"
@@ -26,6 +26,17 @@ def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, 
     assert_same_cache(in_memory.cache, from_file)
     assert in_memory.manifest["quantization"] == manifest["quantization"]
     assert nbytes < path.stat().st_size < nbytes + 64 * 1024  # the file adds its header alone
+
+
+def test_added_bits_widen_every_paused_layer_over_the_default_and_nothing_else(engine, document):  # noqa: F811
+    saved = build(engine, document, budget="20%", query_aware=True)
+    plain, wider = storage.Storage("int4", HIDDEN_BITS), storage.Storage("int4", HIDDEN_BITS, added_bits=2)
+    default = plain.quantization(saved.manifest)
+
+    assert wider.quantization(saved.manifest) == {**default, "layer_bits": [w + 2 for w in default["layer_bits"]]}
+    assert len(default["layer_bits"]) == saved.manifest["paused_layer"] + 1
+    assert plain.label != wider.label  # the records tell them apart
+    assert storage.stored(engine, saved, wider)[1] > storage.stored(engine, saved, plain)[1]
 
 
 def records(storage_label: str, same: list[bool], stored_bytes: int) -> list[dict]:
