@@ -5,15 +5,17 @@ default's (hidden states at the default's width), and `--int8` int8 storage: the
 file's size and `ask`'s answers.
 
 python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--half tuning|held-out]
-                        [--limit N] [--model M] [--tag T] [--no-write]
+                        [--limit N] [--model M] [--tag T] [--no-write] [--from-raw]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
-stored tensors' bytes as a share of the float16 fullkv cache's. The choice it prints follows a rule fixed
-before any run: the smallest storage that keeps `ask`'s answer on at least 90% of the questions. Choose on
-`--half tuning`; report the choice's held-out numbers with bench/accuracy.py.
+stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept with #13's
+two bars. The choice it prints follows a rule fixed before any run: the smallest storage that keeps `ask`'s
+answer on at least 90% of the questions. Choose on `--half tuning`; report the choice's held-out numbers
+with bench/accuracy.py. `--from-raw` runs nothing: it renders the answers file a run with the same options
+wrote.
 """
 
 import argparse
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import torch
 from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
-from common import Report, Table, reduced_run, write_atomic, write_section
+from common import Report, Table, reduced_run, tag, write_atomic, write_section
+from matplotlib.figure import Figure
 from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
@@ -35,6 +38,7 @@ from core.quant import CODE_WIDTHS, HIDDEN_BITS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
+FILE_TARGET = 20.0  # #13: the default's file at most 20% of the float16 fullkv file
 MAX_NEW_TOKENS = 24
 
 
@@ -143,39 +147,62 @@ def choice(results: list[Result]) -> str:
     return f"smallest storage with ≥ 90% of ask's answers: {chosen}"
 
 
+def plot(results: list[Result], title: str, path: Path) -> None:
+    """Each storage's file share against the answers it keeps as `ask`'s, with #13's two bars."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    ax.axhline(SAVED_TARGETS["same_as_ask"], color="C3", lw=1, ls="--", label="#13: ask's answer on ≥ 90%")
+    ax.axvline(FILE_TARGET, color="C2", lw=1, ls="--", label="#13: file ≤ 20% of fullkv")
+    for r in results:
+        kept = 100 * r.same_as_ask / r.questions
+        ax.plot(r.share, kept, "o", color="C0")
+        ax.annotate(r.storage.label, (r.share, kept), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set(xlabel="file, % of the float16 fullkv file", ylabel="same answer as ask, % of questions", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_HIDDEN_BITS)
     parser.add_argument("--added-bits", type=int, nargs="+", choices=range(1, 5), default=[])
     parser.add_argument("--int8", action="store_true", help="int8 storage too")
-    parser.add_argument("--tag", help="suffix for the section and the answers file")
+    parser.add_argument("--tag", type=tag, help="suffix for the section, the plot and the answers file")
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--from-raw", action="store_true", help="run nothing: render the answers file of this run")
     args = parser.parse_args(argv)
     engine = Engine.load(args.model, args.device)
-    items = [item for item in docqa.items() if item.half == args.half][: args.limit]
+    name = f"storage-{args.half}" + (f"-{args.tag}" if args.tag else "")
+    title = f"Saved-cache storage, {args.half} half" + (f" ({args.tag})" if args.tag else "")
+    report = Report.of(name, title, engine.loaded.spec)
+    raw = report.plot.with_suffix(".json")
     storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
     storages += [Storage("int4", HIDDEN_BITS, added) for added in args.added_bits] + [Storage("int8")] * args.int8
-    console = Console(stderr=True)
-    with torch.inference_mode():
-        records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), console)
+    if args.from_raw:
+        records = json.loads(raw.read_text(encoding="utf-8"))
+    else:
+        items = [item for item in docqa.items() if item.half == args.half][: args.limit]
+        with torch.inference_mode():
+            records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), Console(stderr=True))
     results = [Result.of(records, storage) for storage in storages]
     result, chosen = table(results, records), choice(results)
     result.print()
     print(chosen)
     if not args.no_write:
-        name = f"storage-{args.half}" + (f"-{args.tag}" if args.tag else "")
-        title = f"Saved-cache storage, {args.half} half" + (f" ({args.tag})" if args.tag else "")
-        report = Report.of(name, title, engine.loaded.spec)
-        raw = report.plot.with_suffix(".json")
-        write_atomic(raw, json.dumps(records, indent=1) + "\n")
+        if not args.from_raw:
+            write_atomic(raw, json.dumps(records, indent=1) + "\n")
+        plot(results, f"{title}, {engine.loaded.name}", report.plot)
         reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
-        body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`."
+        body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
-        print(f"wrote {path} and {raw}")
+        print(f"wrote {path}, {report.plot} and {raw}")
 
 
 if __name__ == "__main__":

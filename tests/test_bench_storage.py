@@ -58,3 +58,14 @@ def test_the_rule_picks_the_smallest_storage_keeping_nine_answers_in_ten():
     assert [r.share for r in results] == [64.0, 22.0, 20.0, 18.0]
     assert storage.choice(results).endswith(": int4, hidden states at 6 bits")
     assert storage.choice(results[3:]).endswith(": none")
+
+
+def test_the_frontier_plot_writes_a_png(tmp_path):
+    kinds = [storage.Storage("float16"), storage.Storage("int4", HIDDEN_BITS), storage.Storage("int8")]
+    data = records(kinds[0].label, [True] * 10, 640) + records(kinds[1].label, [True] * 8 + [False] * 2, 197)
+    data += records(kinds[2].label, [True] * 10, 340)
+    path = tmp_path / "frontier.png"
+
+    storage.plot([storage.Result.of(data, kind) for kind in kinds], "frontier", path)
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
