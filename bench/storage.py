@@ -51,7 +51,8 @@ class Storage:
     @property
     def label(self) -> str:
         label = self.dtype if self.hidden_bits is None else f"{self.dtype}, hidden states at {self.hidden_bits} bits"
-        return label + (f", keys and values +{self.added_bits} bit by layer" if self.added_bits else "")
+        plural = "s" if self.added_bits > 1 else ""
+        return label + (f", keys and values +{self.added_bits} bit{plural} by layer" if self.added_bits else "")
 
     def quantization(self, manifest: dict) -> dict | None:
         scheme = quantization_for(self.dtype, manifest["model"], manifest["paused_layer"])
@@ -157,6 +158,11 @@ def plot(results: list[Result], title: str, path: Path) -> None:
         kept = 100 * r.same_as_ask / r.questions
         ax.plot(r.share, kept, "o", color="C0")
         ax.annotate(r.storage.label, (r.share, kept), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_between(
+        [left, FILE_TARGET], SAVED_TARGETS["same_as_ask"], top, color="C2", alpha=0.1, label="both bars met"
+    )
+    ax.set(xlim=(left, right), ylim=(bottom, top))
     ax.set(xlabel="file, % of the float16 fullkv file", ylabel="same answer as ask, % of questions", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         if not args.from_raw:
             write_atomic(raw, json.dumps(records, indent=1) + "\n")
-        plot(results, f"{title}, {engine.loaded.name}", report.plot)
+        plot(results, report.heading, report.plot)
         reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
