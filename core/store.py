@@ -364,8 +364,10 @@ def check_values(manifest: dict) -> None:
     for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
         if manifest["model"][key] < 1:
             raise CacheFileError(f"manifest.model.{key} should be at least 1, not {manifest['model'][key]}")
-    if manifest["context_tokens"] < 1:
-        raise CacheFileError(f"manifest.context_tokens should be at least 1, not {manifest['context_tokens']}")
+    if not 1 <= manifest["context_tokens"] < 2**31:  # positions are int32
+        raise CacheFileError(
+            f"manifest.context_tokens should be 1 to 2**31 - 1, not {str(manifest['context_tokens'])[:40]}"
+        )
     for key in ("dropped_tokens", "steering_questions"):
         if manifest[key] < 0:
             raise CacheFileError(f"manifest.{key} should not be negative, not {manifest[key]}")
@@ -504,14 +506,21 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         raise names_mismatch(path, manifest)
     stored = CACHE_DTYPES.get(manifest["dtype"], DEQUANTIZED)
     layers = []
-    every = torch.arange(manifest["context_tokens"], dtype=torch.int32).expand(model["num_kv_heads"], -1)
     for i in range(model["num_layers"]):
         keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
-        positions = tensors[f"layers.{i}.positions"] if stores_positions(manifest, i) else every.clone()
         n = keys.shape[1] if keys.dim() == 3 else -1
         expected = (model["num_kv_heads"], n, model["head_dim"])
-        if tuple(keys.shape) != expected or tuple(values.shape) != expected or tuple(positions.shape) != expected[:2]:
+        # every size is checked against the stored tensors before anything is built from the manifest's counts,
+        # which may be any integer
+        if stores_positions(manifest, i):
+            positions = tensors[f"layers.{i}.positions"]
+            shaped = tuple(positions.shape) == expected[:2]
+        else:  # every context token, in order
+            positions, shaped = None, n == manifest["context_tokens"]
+        if tuple(keys.shape) != expected or tuple(values.shape) != expected or not shaped:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
+        if positions is None:
+            positions = torch.arange(n, dtype=torch.int32).expand(model["num_kv_heads"], -1).clone()
         if positions.dtype != torch.int32 or keys.dtype != stored or values.dtype != stored:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
         lowest = EMPTY if manifest["format_version"] >= 5 else 0

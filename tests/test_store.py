@@ -335,6 +335,7 @@ MANIFEST_CASES = {
     "int-for-str": (assign(7, "tokenizer_sha256"), "tokenizer_sha256 should be str, not int"),
     "list-for-object": (assign([], "template"), "manifest.template should be an object"),
     "object-for-list": (assign({}, "documents"), "manifest.documents should be a list"),
+    "context-beyond-int32-positions": (assign(2**63, "context_tokens"), "context_tokens should be 1 to 2**31 - 1"),
     "unknown-dtype": (assign("int2", "dtype"), "unknown tensor dtype 'int2'"),
     "quantized-dtype-without-scheme": (assign("int8", "dtype"), "manifest.quantization is missing for int8"),
     "not-json": ("{not json", "not valid JSON"),
@@ -590,6 +591,20 @@ def test_a_paused_layer_its_method_does_not_resume_at_is_refused(query_aware_fil
     path = rewrite_manifest(query_aware_file, tmp_path / "moved.fkv", edit)
 
     assert "is not where --method" in refusal(load_cache, path)
+
+
+def test_a_context_count_beyond_the_stored_tokens_is_refused_before_positions_are_built(
+    query_aware, query_aware_file, tmp_path, monkeypatch
+):
+    """A paused prefill's positions are not stored (every context token, in order); the loader builds them,
+    so the manifest's count must be checked against the stored keys first: 2**31 - 1 would be gigabytes."""
+    path = rewrite_manifest(query_aware_file, tmp_path / "long.fkv", assign(2**31 - 1, "context_tokens"))
+    built = []
+    arange = torch.arange
+    monkeypatch.setattr(torch, "arange", lambda n, *a, **k: built.append(n) or arange(n, *a, **k))
+
+    assert "layer 0 has tensors of the wrong shape" in refusal(load_cache, path)
+    assert all(n <= query_aware.cache.seq_len for n in built)
 
 
 def test_a_version_7_file_loads_the_paused_positions_it_stores(query_aware, query_aware_file, tmp_path):
