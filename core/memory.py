@@ -22,7 +22,7 @@ the device kind. It counts, in bytes:
   which materializes the [heads, n, n] scores. Plus the selection scores of the last window;
 - decoding: the cache's growth room once answer tokens are appended (kvcache.LayerKV.append);
 - saving (`cache build`): the stored copy of the cache and its serialized bytes, held with the cache;
-  an int8/int4 copy counts its codes and the float16 scale and zero point of every group (core/quant.py).
+  an int8/int6/int4 copy counts its codes and the float16 scale and zero point of every group (core/quant.py).
 
 The check compares what the run still has to allocate with what the device has free: on CPU,
 MemAvailable (capped by a cgroup memory limit), counting weights that are memory-mapped from their
@@ -161,8 +161,8 @@ def attention_bytes(s: Sizes, tokens: int, b: int, device: str, window: int) -> 
 def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) -> int:
     """The cache as `cache build` stores it in `dtype` (a torch float dtype or a --cache-dtype name):
     keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions (none
-    with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8 and
-    int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
+    with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8, int6
+    and int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
     point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
     a short last group counted whole. About 6% beyond the codes for int8 in groups of 64."""
     positions = 0 if paused else 4 * s.kv_heads * slots
@@ -189,7 +189,7 @@ def estimate_prefill(
 ) -> MemoryEstimate:
     """Peak bytes of prefilling `tokens` with `method` in `dtype` on `device` ("cpu" or "cuda"), then
     decoding `new_tokens` (ask) or saving the cache in `saved_dtype` (cache build: a torch dtype or a
-    --cache-dtype name, int8 and int4 included)."""
+    --cache-dtype name, the quantized ones included)."""
     s, b = Sizes.of(config), element_size(dtype)
     entry = 2 * b * s.kv_width + 8 * s.kv_heads  # keys, values and an int64 position per KV head
     slots = method.peak_cache_tokens(tokens, s.layers)

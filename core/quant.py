@@ -1,4 +1,4 @@
-"""Group-wise affine int8/int4 quantization of stored cache tensors (DESIGN.md §10), for store.py.
+"""Group-wise affine int8/int6/int4 quantization of stored cache tensors (DESIGN.md §10), for store.py.
 
 Each group of `group` consecutive elements along one dimension shares a scale and a zero point
 (its minimum): x ≈ zero + code * scale, code in [0, 2**bits - 1]. Keys are grouped along tokens
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BITS = {"int8": 8, "int4": 4}
+BITS = {"int8": 8, "int6": 6, "int4": 4}
 GROUP = 64  # elements per group, at most; the file records the size it used
 # the paused hidden states keep more bits than int4: every query recomputes the deeper layers from them, and
 # at 4 bits their error changed far more answers than the keys' and values'. 6 is the fewest that kept 90%

@@ -34,14 +34,14 @@ from core.quant import (
     stored_numel,
 )
 
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
 # positions of a paused prefill's layers, which are every context token in order; versions 4 to 8 stored
-# every layer's keys and values at the dtype's bits, with no `layer_bits`
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# every layer's keys and values at the dtype's bits, with no `layer_bits`; version 9 had no int6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts

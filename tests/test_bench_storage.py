@@ -37,6 +37,8 @@ def test_added_bits_widen_every_paused_layer_over_the_default_and_nothing_else(e
     assert len(default["layer_bits"]) == saved.manifest["paused_layer"] + 1
     assert plain.label != wider.label  # the records tell them apart
     assert storage.stored(engine, saved, wider)[1] > storage.stored(engine, saved, plain)[1]
+    int6 = storage.Storage("int6").quantization(saved.manifest)  # the docs: int6 stores the +2-bit row's widths
+    assert {**int6, "bits": 4} == wider.quantization(saved.manifest)
 
 
 def records(storage_label: str, same: list[bool], stored_bytes: int) -> list[dict]:

@@ -41,6 +41,7 @@ SOURCES = [
     ("llama", "fastkv", {"budget": "20%"}, "float32", {"query_aware": True}),
     ("qwen2", "snapkv", {"budget": "40%"}, "int8", {}),
     ("llama", "fastkv", {"budget": "20%"}, "int4", {"query_aware": True}),
+    ("mistral", "fastkv", {"budget": "20%"}, "int6", {"query_aware": True}),
 ]
 
 

@@ -123,7 +123,7 @@ def test_a_paused_build_counts_its_layers_and_the_hidden_states_it_holds(tiny_mo
 
 
 @pytest.mark.parametrize("paused", [False, True], ids=["fullkv", "paused"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "int6", "int4"])
 def test_the_saving_estimate_bounds_the_stored_tensors_scales_and_zeros_included(tiny_models, dtype, paused):
     """An int8 file's float16 scales and zero points add 4 bytes per group of 64 (about 6%): counting only
     the codes would undercount it. The estimate may round a short last group of keys up, little more."""

@@ -1,4 +1,4 @@
-"""Quantized storage: the arithmetic of core/quant.py, int8/int4 .fkv files, their refusals, older versions."""
+"""Quantized storage: the arithmetic of core/quant.py, int8/int6/int4 .fkv files, their refusals, older versions."""
 
 import math
 from dataclasses import replace
@@ -22,7 +22,7 @@ from core.quant import (
     unpack,
 )
 from core.stats import RunStats
-from core.store import load_cache, save_cache
+from core.store import FORMAT_VERSION, load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
     QUESTION,
     build,
@@ -110,7 +110,7 @@ def test_a_group_that_does_not_divide_the_channels_is_refused():
 # --- files ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=["int8", "int6", "int4"])
 def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F811
     """A query-aware cache (every tensor kind: keys, values, paused hidden states and queries), quantized."""
     path = tmp_path_factory.mktemp("quant") / f"{request.param}.fkv"
@@ -123,7 +123,7 @@ def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_awa
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
     quantization = manifest["quantization"]
     bits, paused = quantization["bits"], manifest["paused_layer"] + 1
-    assert manifest["format_version"] == 9 and quantization["group_size"] == 16
+    assert manifest["format_version"] == FORMAT_VERSION and quantization["group_size"] == 16
     assert quantization["hidden_bits"] == max(bits, HIDDEN_BITS)
     assert quantization["layer_bits"] == paused_layer_bits(bits, paused)
     widths = quantization["layer_bits"] + [bits] * (len(cache.layers) - paused)
@@ -226,9 +226,9 @@ def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path,
 
 def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
     sizes = {}
-    for dtype in ("float16", "int8", "int4"):
+    for dtype in ("float16", "int8", "int6", "int4"):
         sizes[dtype] = save_cache(tmp_path / f"{dtype}.fkv", saved.cache, saved.manifest, dtype)
-    assert sizes["int4"] < sizes["int8"] < sizes["float16"]
+    assert sizes["int4"] < sizes["int6"] < sizes["int8"] < sizes["float16"]
 
 
 def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_path):  # noqa: F811
