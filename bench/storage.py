@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
     storages += [Storage("int4", HIDDEN_BITS, added) for added in args.added_bits] + [Storage("int8")] * args.int8
     if args.from_raw:
+        if not raw.exists():
+            parser.error(f"--from-raw: {raw} does not exist; run without --from-raw first")
         records = json.loads(raw.read_text(encoding="utf-8"))
     else:
         items = [item for item in docqa.items() if item.half == args.half][: args.limit]
