@@ -520,7 +520,7 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or not shaped:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
         if positions is None:
-            positions = torch.arange(n, dtype=torch.int32).expand(model["num_kv_heads"], -1).clone()
+            positions = torch.arange(n, dtype=torch.int32).repeat(model["num_kv_heads"], 1)
         if positions.dtype != torch.int32 or keys.dtype != stored or values.dtype != stored:
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong dtype")
         lowest = EMPTY if manifest["format_version"] >= 5 else 0

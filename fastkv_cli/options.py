@@ -55,7 +55,7 @@ FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
 # what `cache build` stores (the CLI and the server alike; #13): int4, the paused hidden states at 6 bits and
-# the keys and values at 3 to 5 bits by layer (format v9), 16-20% of a float16 fullkv file. On the 49 held-out
+# the keys and values at 3 to 5 bits by layer (from format v9), 16-20% of a float16 fullkv file. On the 49 held-out
 # questions it keeps every answer `ask` gets right and 42 of 49 identical; int8 keeps 48 at 34% (benchmarks.md)
 DEFAULT_CACHE_DTYPE = "int4"
 CacheDtype = Annotated[
