@@ -153,7 +153,13 @@ def plot(results: list[Result], title: str, path: Path) -> None:
     """Each storage's file share against the answers it keeps as `ask`'s, with #13's two bars."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    ax.axhline(SAVED_TARGETS["same_as_ask"], color="C3", lw=1, ls="--", label=f"#13: ask's answer on ≥ {SAVED_TARGETS['same_as_ask']:g}%")
+    ax.axhline(
+        SAVED_TARGETS["same_as_ask"],
+        color="C3",
+        lw=1,
+        ls="--",
+        label=f"#13: ask's answer on ≥ {SAVED_TARGETS['same_as_ask']:g}%",
+    )
     ax.axvline(FILE_TARGET, color="C2", lw=1, ls="--", label=f"#13: file ≤ {FILE_TARGET:g}% of fullkv")
     for r in results:
         kept = 100 * r.same_as_ask / r.questions
