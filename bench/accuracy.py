@@ -2,7 +2,7 @@
 
 python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
     [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680]
-    [--modes ask agnostic two-stage query-aware every-token] [--cache-dtypes float16 int8 int4]
+    [--modes ask agnostic two-stage query-aware every-token] [--cache-dtypes float16 int8 int6 int4]
     [--half tuning|held-out] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw | --resume]
 
 Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
@@ -554,7 +554,7 @@ def default_candidate_checks(outcomes: list[Outcome]) -> list[str]:
 
 
 def storage_checks(outcomes: list[Outcome]) -> list[str]:
-    """Answers that int8 and int4 storage change against float16 storage of the same build, per task.
+    """Answers that each quantized storage changes against float16 storage of the same build, per task.
     #13: int8 changes no passkey answer (PASS/MISS); the rest is counted and reported (INFO)."""
     answers: dict[Variant, dict[tuple, str]] = {}
     for o in outcomes:
