@@ -12,7 +12,7 @@ Kinds, each at `ask`'s default budget (fastkv's own, 30%,2048) unless --budget s
 - query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`cache build`'s default since #13);
 - every token: fullkv's cache, each query re-selects down to the budget with its own question
   (`--method fullkv --query-budget`: SnapKV's answer, a question prefill of only its own tokens).
-Each is saved as float16, int8 and int4. Each length's table is printed, and written to
+Each is saved as float16 and in every quantized dtype (int8, int6, int4). Each length's table is printed, and written to
 docs/benchmarks.md, as soon as it is complete: a run stopped early keeps the lengths it finished.
 """
 
@@ -34,6 +34,7 @@ from core.documents import read_documents
 from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
+from core.quant import BITS
 from core.stats import RunStats
 from core.store import dequantized, load_cache, save_cache
 
@@ -42,7 +43,7 @@ MODEL_TOKENS = [8192, 16384]  # any other model (#13: 8K and 16K on the benchmar
 DEFAULT_REPEATS = 3
 QUESTION = "How long does a licensee have to cure a violation after being notified?"
 FIRST_TOKEN = Decoding(max_new_tokens=1)
-STORAGE = ("float16", "int8", "int4")
+STORAGE = ("float16", *BITS)  # float16, then every quantized dtype `cache build` offers
 REPREFILL = "fullkv re-prefill"
 # #13: the file ≤ 20% of the float16 fullkv file; query TTFT ≥ 8× faster than a fullkv re-prefill (at 8K
 # on the benchmark model); cache load ≤ 0.5 s (at 7.5K on the embedded model)
@@ -106,7 +107,7 @@ def build_all(engine: Engine, document: Path, folder: Path, made: list[Kind]) ->
 
 
 def load(engine: Engine, path: Path) -> None:
-    """What `cache query` does first: read, verify and (for int8/int4) de-quantize the file onto the model's device."""
+    """What `cache query` does first: read, verify and (quantized dtypes) de-quantize the file onto the model's device."""
     load_cache(path, engine.loaded.device, engine.loaded.dtype)
 
 
@@ -220,7 +221,7 @@ def length_table(rows: list[Row], reprefill_s: float, tokens: int, model: str, b
         f"fullkv: every token; question-blind: fastkv {budget} without the question; two-stage: fastkv {stored}, "
         f"each query re-selects to {budget}; query-aware: paused at the TSP layer, each query resumes it as ask; "
         f"every token: fullkv's cache, each query re-selects to {budget} with its question. "
-        "Load: load_cache onto the model's device and dtype (int8/int4 de-quantized). Query TTFT: load the file + "
+        "Load: load_cache onto the model's device and dtype (quantized dtypes de-quantized). Query TTFT: load the file + "
         "prefill the question over the cached context (re-selecting where the kind does) + first token, model "
         f"already loaded. {REPREFILL}: read + tokenize + prefill document and question + first token. Medians of "
         "interleaved runs. Held: the loaded cache kept between questions, de-quantized (what cache query and the "
