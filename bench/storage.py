@@ -12,9 +12,9 @@ go through the file's quantizer and back in memory (store.cache_tensors and stor
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
 stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept with #13's
-two bars. The choice it prints follows a rule fixed before any run: the smallest storage that keeps `ask`'s
-answer on at least 90% of the questions. Choose on `--half tuning`; report the choice's held-out numbers
-with bench/accuracy.py. `--from-raw` runs nothing: it renders the answers file a run with the same options
+two bars. On `--half tuning` it prints the choice of a rule fixed before any run: the smallest storage that
+keeps `ask`'s answer on at least 90% of the questions; report the choice's held-out numbers with
+bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that bar. `--from-raw` runs nothing: it renders the answers file a run with the same options
 wrote.
 """
 
@@ -142,11 +142,14 @@ def table(results: list[Result], records: list[dict]) -> Table:
     return Table("Saved-cache storage against ask's answers", headers, rows, caption)
 
 
-def choice(results: list[Result]) -> str:
-    """The rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90% of the questions."""
-    kept = [r for r in results if r.keeps_answers]
-    chosen = min(kept, key=lambda r: r.share).storage.label if kept else "none"
-    return f"smallest storage with ≥ 90% of ask's answers: {chosen}"
+def choice(results: list[Result], half: str) -> str:
+    """On the tuning half, the rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90%
+    of the questions. The held-out half reports which storages meet that bar and chooses nothing."""
+    kept = sorted((r for r in results if r.keeps_answers), key=lambda r: r.share)
+    if half == "tuning":
+        return f"smallest storage with ≥ 90% of ask's answers: {kept[0].storage.label if kept else 'none'}"
+    meeting = "; ".join(r.storage.label for r in kept) or "none"
+    return f"{half} half, nothing chosen from it; storages with ≥ 90% of ask's answers: {meeting}"
 
 
 def plot(results: list[Result], title: str, path: Path) -> None:
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), Console(stderr=True))
     results = [Result.of(records, storage) for storage in storages]
-    result, chosen = table(results, records), choice(results)
+    result, chosen = table(results, records), choice(results, args.half)
     result.print()
     print(chosen)
     if not args.no_write:

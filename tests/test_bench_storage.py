@@ -58,8 +58,20 @@ def test_the_rule_picks_the_smallest_storage_keeping_nine_answers_in_ten():
     results = [storage.Result.of(data, kind) for kind in kinds]
 
     assert [r.share for r in results] == [64.0, 22.0, 20.0, 18.0]
-    assert storage.choice(results).endswith(": int4, hidden states at 6 bits")
-    assert storage.choice(results[3:]).endswith(": none")
+    assert storage.choice(results, "tuning").endswith(": int4, hidden states at 6 bits")
+    assert storage.choice(results[3:], "tuning").endswith(": none")
+
+
+def test_the_held_out_half_chooses_nothing_and_lists_the_storages_meeting_the_bar():
+    kinds = [storage.Storage("float16"), storage.Storage("int4", 8), storage.Storage("int4", 4)]
+    data = records(kinds[0].label, [True] * 10, 640) + records(kinds[1].label, [True] * 9 + [False], 220)
+    data += records(kinds[2].label, [True] * 8 + [False] * 2, 180)
+    results = [storage.Result.of(data, kind) for kind in kinds]
+
+    line = storage.choice(results, "held-out")
+    assert "nothing chosen" in line and "smallest" not in line
+    assert line.endswith(": int4, hidden states at 8 bits; float16")
+    assert storage.choice(results[2:], "held-out").endswith(": none")
 
 
 def test_the_frontier_plot_writes_a_png(tmp_path):
