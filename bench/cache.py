@@ -12,8 +12,9 @@ Kinds, each at `ask`'s default budget (fastkv's own, 30%,2048) unless --budget s
 - query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`cache build`'s default since #13);
 - every token: fullkv's cache, each query re-selects down to the budget with its own question
   (`--method fullkv --query-budget`: SnapKV's answer, a question prefill of only its own tokens).
-Each is saved as float16 and in every quantized dtype (int8, int6, int4). Each length's table is printed, and written to
-docs/benchmarks.md, as soon as it is complete: a run stopped early keeps the lengths it finished.
+Each is saved as float16 and in every quantized dtype (int8, int6, int4). Each length's table is printed,
+and written to docs/benchmarks.md, as soon as it is complete: a run stopped early keeps the lengths it
+finished.
 """
 
 import argparse

@@ -14,8 +14,8 @@ go through the file's quantizer and back in memory (store.cache_tensors and stor
 stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept with #13's
 two bars. On `--half tuning` it prints the choice of a rule fixed before any run: the smallest storage that
 keeps `ask`'s answer on at least 90% of the questions; report the choice's held-out numbers with
-bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that bar. `--from-raw` runs nothing: it renders the answers file a run with the same options
-wrote.
+bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that bar.
+`--from-raw` runs nothing: it renders the answers file a run with the same options wrote.
 """
 
 import argparse
