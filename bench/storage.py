@@ -5,7 +5,7 @@ default's (hidden states at the default's width), and `--int8` int8 storage: the
 file's size and `ask`'s answers.
 
 python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--half tuning|held-out]
-                        [--limit N] [--model M] [--tag T] [--no-write] [--from-raw]
+                        [--documents PATH ...] [--limit N] [--model M] [--tag T] [--no-write] [--from-raw]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
@@ -15,7 +15,8 @@ stored tensors' bytes as a share of the float16 fullkv cache's, plotted against 
 two bars. On `--half tuning` it prints the choice of a rule fixed before any run: the smallest storage that
 keeps `ask`'s answer on at least 90% of the questions; report the choice's held-out numbers with
 bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that bar.
-`--from-raw` runs nothing: it renders the answers file a run with the same options wrote.
+`--documents` asks only those documents' questions (paths as bench/tasks/docqa.jsonl names them). `--from-raw`
+runs nothing: it renders the answers file a run with the same options wrote.
 """
 
 import argparse
@@ -72,6 +73,11 @@ def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[Saved
     device, dtype = engine.loaded.device, engine.loaded.dtype
     cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype)
     return SavedContext(cache, manifest, saved.stats), sum(tensor.nbytes for tensor in tensors.values())
+
+
+def questions(half: str, documents: list[str] | None = None) -> list:
+    """The docqa items of one half, only those on `documents` if given."""
+    return [item for item in docqa.items() if item.half == half and (not documents or item.group in documents)]
 
 
 def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding, console: Console) -> list[dict]:
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8", action="store_true", help="int8 storage too")
     parser.add_argument("--tag", type=tag, help="suffix for the section, the plot and the answers file")
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
+    parser.add_argument("--documents", nargs="+", metavar="PATH", help="only these documents' questions")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -206,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--from-raw: {raw} does not exist; run without --from-raw first")
         records = json.loads(raw.read_text(encoding="utf-8"))
     else:
-        items = [item for item in docqa.items() if item.half == args.half][: args.limit]
+        items = questions(args.half, args.documents)
+        unknown = set(args.documents or ()) - {item.group for item in items}
+        if unknown:
+            parser.error(f"--documents: no docqa questions on {', '.join(sorted(unknown))}")
+        items = items[: args.limit]
         with torch.inference_mode():
             records = run(engine, items, storages, Decoding(max_new_tokens=MAX_NEW_TOKENS), Console(stderr=True))
     results = [Result.of(records, storage) for storage in storages]
@@ -217,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.from_raw:
             write_atomic(raw, json.dumps(records, indent=1) + "\n")
         plot(results, report.heading, report.plot)
-        reduced = reduced_run(hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), limit=(args.limit, None))
+        reduced = reduced_run(
+            hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), documents=(args.documents, None), limit=(args.limit, None)
+        )
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path}, {report.plot} and {raw}")

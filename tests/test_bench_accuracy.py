@@ -50,6 +50,9 @@ def test_docqa_has_at_least_40_questions_over_every_shipped_text():
         "bench/texts/gpl-2.0.txt",
         "bench/texts/mpl-2.0.txt",
         "bench/texts/apache-2.0.txt",
+        "bench/texts/lgpl-2.1.txt",
+        "bench/texts/mpl-1.1.txt",
+        "bench/texts/gfdl-1.3.txt",
         "examples/lighthouse.md",
     }
 
@@ -65,9 +68,8 @@ def test_every_docqa_answer_is_a_span_of_its_document():
 def test_docqa_items_take_one_question_per_document_in_turn():
     items = docqa.items()
     assert len(items) == len(docqa.questions())
-    first_round = [item.group for item in items[:5]]
-    assert len(set(first_round)) == 5
     sizes = {item.group: len(item.document.text) for item in items}
+    first_round = [item.group for item in items[: len(sizes)]]
     assert first_round == sorted(sizes, key=sizes.get)  # the shortest document first
 
 

@@ -83,3 +83,13 @@ def test_the_frontier_plot_writes_a_png(tmp_path):
     storage.plot([storage.Result.of(data, kind) for kind in kinds], "frontier", path)
 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_documents_narrow_one_half_to_their_questions():
+    half = storage.questions("held-out")
+    chosen = ["bench/texts/gpl-2.0.txt", "examples/lighthouse.md"]
+    narrowed = storage.questions("held-out", chosen)
+    assert narrowed == [item for item in half if item.group in chosen]
+    assert {item.group for item in narrowed} == set(chosen)
+    assert {item.group for item in half} > set(chosen)
+    assert all(item.half == "held-out" for item in narrowed)
