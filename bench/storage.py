@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             write_atomic(raw, json.dumps(records, indent=1) + "\n")
         plot(results, report.heading, report.plot)
         reduced = reduced_run(
-            hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS), documents=(args.documents, None), limit=(args.limit, None)
+            hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS),
+            documents=(args.documents, None),
+            limit=(args.limit, None),
         )
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
