@@ -1,7 +1,7 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
 int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
-`--added-bits` adds int4 storages whose keys and values have that many more bits in every layer than the
-default's (hidden states at the default's width), and `--int8` int8 storage: the frontier between the
+`--added-bits` adds int4 storages whose keys and values have that many more bits in every layer than
+int4's (hidden states at int4's width), and `--int8` int8 storage: the frontier between the
 file's size and `ask`'s answers.
 
 python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--half tuning|held-out]
@@ -47,8 +47,8 @@ MAX_NEW_TOKENS = 24
 @dataclass(frozen=True)
 class Storage:
     dtype: str
-    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states (None: the default's)
-    added_bits: int = 0  # bits added to every paused layer's keys and values, over the default's widths
+    hidden_bits: int | None = None  # a quantized dtype's width for the paused hidden states (None: the dtype's own)
+    added_bits: int = 0  # bits added to every paused layer's keys and values, over the dtype's own widths
 
     @property
     def label(self) -> str:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         plot(results, report.heading, report.plot)
         reduced = reduced_run(
             hidden_bits=(args.hidden_bits, DEFAULT_HIDDEN_BITS),
-            documents=(args.documents, None),
+            documents=(args.documents or "all", "all"),
             limit=(args.limit, None),
         )
         body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"

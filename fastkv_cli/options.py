@@ -54,16 +54,16 @@ Window = Annotated[
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
-# what `cache build` stores (the CLI and the server alike; #13): int4, the paused hidden states at 6 bits and
-# the keys and values at 3 to 5 bits by layer (from format v9), 16-20% of a float16 fullkv file. On the 49 held-out
-# questions it keeps every answer `ask` gets right and 42 of 49 identical; int8 keeps 48 at 34% (benchmarks.md)
-DEFAULT_CACHE_DTYPE = "int4"
+# what `cache build` stores (the CLI and the server alike; #13): int6, the paused hidden states at 6 bits and the
+# keys and values at 5 to 7 bits by layer, 22-26% of a float16 fullkv file. On the 100 held-out questions it gives
+# `ask`'s answer on 96 and scores within one of it; int4 (19.7%) gives 83 and loses 3 of `ask`'s 39 right answers
+DEFAULT_CACHE_DTYPE = "int6"
 CacheDtype = Annotated[
     str,
     typer.Option(
         help="float16, bfloat16 or float32 for the stored tensors, or int8 / int6 / int4: group-wise quantized "
-        "(about 54% / 41% / 30% of float16's size), de-quantized on load. int6 and int8 give `ask`'s answers "
-        "more often (47 and 48 of 49 held-out questions, int4 42)."
+        "(about 54% / 41% / 30% of float16's size), de-quantized on load. `ask`'s answer on 98 / 96 / 83 of 100 "
+        "held-out questions."
     ),
 ]
 IgnoreMemory = Annotated[

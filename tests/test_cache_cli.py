@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.quant import HIDDEN_BITS
 from core.store import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
@@ -95,7 +94,7 @@ def test_build_writes_a_loadable_cache(built, model):
     assert summary["kept_tokens_per_layer"] == cache.kept_tokens_per_layer
     assert manifest["model"]["spec"] == str(model)
     assert manifest["method"]["name"] == "fastkv" and manifest["method"]["parameters"]["budget"] == "50%"
-    assert manifest["dtype"] == "int4" and manifest["quantization"]["bits"] == 4  # the default storage
+    assert manifest["dtype"] == "int6" and manifest["quantization"]["bits"] == 6  # the default storage
     assert [(d["name"], d["pages"]) for d in manifest["documents"]] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
     assert manifest["documents"][1]["sha256"] == hashlib.sha256(NOTES.encode()).hexdigest()
     assert cache.seq_len == manifest["context_tokens"] == summary["context_tokens"]
@@ -308,7 +307,7 @@ def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     )
     assert info["manifest"]["paused_layer"] == 1
     assert info["paused_bytes"] == load_cache(query_aware)[0].paused.nbytes > 0
-    assert f"int4 in groups of 16, hidden states at {HIDDEN_BITS} bits" in shown[query_aware]  # the default storage
+    assert "int6 in groups of 16" in shown[query_aware]  # the default storage
     assert "hidden states" not in shown[two_stage]  # it holds none
 
 
