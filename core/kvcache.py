@@ -163,11 +163,14 @@ class KVCache:
 
 def page_coverage(cache: KVCache, page_spans: list[tuple[int, int]]) -> list[float]:
     """For each [start, end) span of positions, the share of its tokens the cache keeps, averaged
-    over layers and KV heads (empty slots are at position EMPTY, outside every span)."""
+    over KV heads and the layers that hold tokens: all of them, or a paused cache's layers up to the
+    paused one, since each question fills the deeper ones (empty slots are at position EMPTY, outside
+    every span)."""
+    layers = cache.layers if cache.paused is None else cache.layers[: cache.paused.layer + 1]
     shares = []
     for start, end in page_spans:
-        kept = sum(((layer.positions >= start) & (layer.positions < end)).sum().item() for layer in cache.layers)
-        slots = (end - start) * sum(layer.positions.shape[0] for layer in cache.layers)
+        kept = sum(((layer.positions >= start) & (layer.positions < end)).sum().item() for layer in layers)
+        slots = (end - start) * sum(layer.positions.shape[0] for layer in layers)
         shares.append(kept / slots if slots else 0.0)
     return shares
 

@@ -57,6 +57,16 @@ def dropped(tokens: int, estimated: bool) -> str:
     return f" (about {tokens:,} dropped)" if estimated else f" ({tokens:,} dropped)"
 
 
+def kept_per_layer(kept: list[int], paused_layer: int | None) -> str:
+    """Tokens each layer keeps; a paused (query-aware) cache keeps every token up to the paused layer and
+    nothing deeper, where each question's own selection goes."""
+    if paused_layer is None:
+        return f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"
+    return (
+        f"every token in layers 0-{paused_layer}; layers {paused_layer + 1}-{len(kept) - 1}: what each question selects"
+    )
+
+
 def stats_table(answer) -> Table:
     s = answer.stats
     table = Table(title=escape(f"{answer.model} · {answer.method}"), show_header=False, title_justify="left")
@@ -77,7 +87,7 @@ def stats_table(answer) -> Table:
     ]
     if s.kept_tokens_per_layer:
         kept = s.kept_tokens_per_layer
-        rows.append(("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"))
+        rows.append(("kept tokens / layer", kept_per_layer(kept, None)))
     shrink = next((i for i in range(1, len(s.layer_tokens)) if s.layer_tokens[i] < s.layer_tokens[i - 1]), None)
     if shrink is not None:
         rows.append(
@@ -110,7 +120,7 @@ def build_table(summary: dict) -> Table:
             "context tokens",
             f"{summary['context_tokens']:,}" + dropped(summary["dropped_tokens"], summary["dropped_tokens_estimated"]),
         ),
-        ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}" if kept else "—"),
+        ("kept tokens / layer", kept_per_layer(kept, summary["paused_layer"]) if kept else "—"),
         ("kind of cache", kind),
         ("storage", stored),
         (
@@ -197,7 +207,7 @@ def cache_info_view(info: dict) -> Group:
             f"{manifest['context_tokens']:,}"
             + (f" ({manifest['dropped_tokens']:,} dropped)" if manifest["dropped_tokens"] else ""),
         ),
-        ("kept tokens / layer", f"min {min(kept):,} · mean {mean(kept):,.0f} · max {max(kept):,}"),
+        ("kept tokens / layer", kept_per_layer(kept, manifest["paused_layer"])),
         (
             "file",
             f"{info['file_bytes'] / MIB:.1f} MiB, {stored}, format v{manifest['format_version']}, checksum ok",
@@ -205,7 +215,11 @@ def cache_info_view(info: dict) -> Group:
         ("created", f"{manifest['created']} by fastkv {manifest['fastkv_version']}"),
     ]:
         summary.add_row(name, escape(value))  # names and paths from the file are text, not markup
-    pages = Table(title="share of each page's tokens kept (mean over layers and KV heads)", title_justify="left")
+    paused = manifest["paused_layer"]
+    layers = (
+        "layers and KV heads" if paused is None else f"KV heads and layers 0-{paused}: each question selects past them"
+    )
+    pages = Table(title=f"share of each page's tokens kept (mean over {layers})", title_justify="left")
     for column in ("document", "page", "tokens", "kept", ""):
         pages.add_column(column, justify="right" if column in ("page", "tokens", "kept") else "left")
     for document, coverage in zip(manifest["documents"], info["page_coverage"], strict=True):

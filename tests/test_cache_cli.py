@@ -295,7 +295,8 @@ def test_info_json_has_kept_tokens_and_page_coverage(built):
 def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     two_stage, query_aware = tmp_path / "two-stage.fkv", tmp_path / "query-aware.fkv"
     assert build(documents, two_stage, model, "--budget", "50%", "--query-budget", "10%", "--quiet").exit_code == 0
-    assert build(documents, query_aware, model, "--budget", "20%", "--query-aware", "--quiet").exit_code == 0
+    built_query_aware = build(documents, query_aware, model, "--budget", "20%", "--query-aware")
+    assert built_query_aware.exit_code == 0, built_query_aware.output
 
     shown = {path: fastkv("cache", "info", path).stdout for path in (built[0], two_stage, query_aware)}
     [info] = json_lines(fastkv("cache", "info", query_aware, "--json"))
@@ -307,6 +308,12 @@ def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     )
     assert info["manifest"]["paused_layer"] == 1
     assert info["paused_bytes"] == load_cache(query_aware)[0].paused.nbytes > 0
+    # every token up to the paused layer, none deeper: the pages are whole where the file holds tokens
+    context = info["manifest"]["context_tokens"]
+    assert info["kept_tokens_per_layer"] == [context, context, 0, 0]
+    for output in (shown[query_aware], built_query_aware.stderr):  # cache info, cache build's summary
+        assert "every token in layers 0-1; layers 2-3: what each question selects" in " ".join(output.split())
+    assert all(share == 1 for pages in info["page_coverage"] for share in pages)
     assert "int6 in groups of 16" in shown[query_aware]  # the default storage
     assert "hidden states" not in shown[two_stage]  # it holds none
 
