@@ -273,7 +273,7 @@ def stored(engine: Engine, saved: SavedContext, dtype: str) -> SavedContext:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c.fkv"
         save_cache(path, saved.cache, saved.manifest, dtype)
-        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
     return SavedContext(cache, {**saved.manifest, **manifest}, saved.stats)
 
 

@@ -36,7 +36,6 @@ from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.quant import BITS
-from core.stats import RunStats
 from core.store import dequantized, load_cache, save_cache
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
@@ -109,14 +108,14 @@ def build_all(engine: Engine, document: Path, folder: Path, made: list[Kind]) ->
 
 def load(engine: Engine, path: Path) -> None:
     """What `cache query` does first: read, verify and (quantized dtypes) de-quantize the file onto the model's device."""
-    load_cache(path, engine.loaded.device, engine.loaded.dtype)
+    load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
 
 
 def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object], Callable[[], object] | None]:
     """#13 item 2, the two ways to hold a loaded cache between questions: de-quantized (what load_cache
     does) or as stored, de-quantizing a fresh copy for each question -> (bytes de-quantized, bytes as
     stored, each question's copy one way, the other way; None for a float file)."""
-    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
     resident = sum(layer.nbytes for layer in cache.layers) + (0 if cache.paused is None else cache.paused.nbytes)
     with safe_open(str(path), framework="pt") as f:
         stored = {name: f.get_tensor(name) for name in f.keys()}
@@ -128,10 +127,7 @@ def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object
 
 def query_from_disk(engine: Engine, path: Path) -> None:
     """What `cache query` does for its first question: load the file, append the question, first token."""
-    start = time.perf_counter()
-    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
-    saved = SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
-    engine.query(saved, QUESTION, decoding=FIRST_TOKEN)
+    engine.query(engine.load_saved(path), QUESTION, decoding=FIRST_TOKEN)
 
 
 def ask_again(engine: Engine, document: Path) -> None:

@@ -71,7 +71,7 @@ def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[Saved
     manifest = {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": storage.dtype}
     manifest["quantization"] = quantization
     device, dtype = engine.loaded.device, engine.loaded.dtype
-    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype)
+    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype, engine.runner.first_layer)
     return SavedContext(cache, manifest, saved.stats), sum(tensor.nbytes for tensor in tensors.values())
 
 

@@ -149,15 +149,7 @@ class QueryTask:
     decoding: Decoding = Decoding()
 
     def run(self, engine, item: Item, on_text: TextCallback, progress: Progress) -> tuple[list[dict], bool]:
-        from core.engine import SavedContext
-        from core.stats import RunStats
-        from core.store import load_cache, read_manifest
-
-        path = Path(item.target or item.name)
-        engine.check_compatible(read_manifest(path), str(path))
-        start = time.perf_counter()
-        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
-        saved = SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
+        saved = engine.load_saved(Path(item.target or item.name))
         records = []
         for question in self.questions:
             answer = engine.query(saved, question, self.budget, self.decoding, on_text)

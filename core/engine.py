@@ -21,7 +21,7 @@ from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
 from core.stats import RunStats, Stopwatch
-from core.store import check_cache_dtype, quantization_for
+from core.store import check_cache_dtype, load_cache, quantization_for, read_manifest
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 
@@ -340,6 +340,14 @@ class Engine:
             )
         if manifest["tokenizer_sha256"] != tokenizer_sha256(self.loaded.tokenizer):
             raise CacheFileError(f"{path}: built with a different tokenizer than the loaded model's")
+
+    def load_saved(self, path) -> SavedContext:
+        """A saved cache file, checked against this model and loaded (its load timed): what `cache query` and the
+        server answer from. Layer 0 of a query-aware cache is rebuilt from its token ids."""
+        self.check_compatible(read_manifest(path), str(path))
+        start = time.perf_counter()
+        cache, manifest = load_cache(path, self.loaded.device, self.loaded.dtype, self.runner.first_layer)
+        return SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
 
     def query(
         self,

@@ -105,20 +105,23 @@ class Paused:
     nothing deeper; each question resumes the prefill from here with its own Token-Selective
     Propagation, so it answers as `ask` would (Runner.extend). `queries` holds, for each layer up to
     `layer`, the last context tokens' queries: where the scoring window is longer than a question,
-    `ask` scores with those tokens too.
+    `ask` scores with those tokens too. `ids` are the context's token ids, from which layer 0's keys and
+    values are rebuilt (Runner.first_layer) rather than stored.
     """
 
     layer: int
     hidden: Tensor  # [context tokens, hidden_size], in position order
     queries: Tensor | None = None  # [layer + 1, heads, held tokens, head_dim], after RoPE; None: none held
+    ids: Tensor | None = None  # [context tokens] int64; None: read from a file older than version 11
 
     @property
     def nbytes(self) -> int:
-        return self.hidden.nbytes + (0 if self.queries is None else self.queries.nbytes)
+        return sum(t.nbytes for t in (self.hidden, self.queries, self.ids) if t is not None)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "Paused":
         queries = None if self.queries is None else self.queries.to(device, dtype)
-        return Paused(self.layer, self.hidden.to(device, dtype), queries)
+        ids = None if self.ids is None else self.ids.to(device)
+        return Paused(self.layer, self.hidden.to(device, dtype), queries, ids)
 
     def window_queries(self, i: int, q: Tensor) -> Tensor:
         """Layer i's queries of the appended tokens q [heads, n, d], after the held context queries."""

@@ -164,8 +164,12 @@ def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) ->
     with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8, int6
     and int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
     point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
-    a short last group counted whole. About 6% beyond the codes for int8 in groups of 64."""
+    a short last group counted whole. About 6% beyond the codes for int8 in groups of 64. A paused prefill's
+    layer 0 is stored as its int32 token ids."""
     positions = 0 if paused else 4 * s.kv_heads * slots
+    if paused:
+        tokens = paused // s.hidden
+        slots, positions = slots - tokens, 4 * tokens
     kv = 2 * slots * s.kv_width
     if dtype not in BITS:
         return positions + (kv + paused) * element_size(

@@ -58,12 +58,29 @@ class Runner:
         """Projections of normed hidden states x [n, hidden] -> q [heads, n, d], k/v [kv_heads, n, d]."""
         attn, n = layer.self_attn, x.shape[0]
         q = attn.q_proj(x).view(n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before RoPE
+            q = attn.q_norm(q)
+        return apply_rope(q.transpose(0, 1), cos, sin), *self.kv(layer, x, cos, sin)
+
+    def kv(self, layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Key and value projections of normed hidden states x [n, hidden] -> k/v [kv_heads, n, d]."""
+        attn, n = layer.self_attn, x.shape[0]
         k = attn.k_proj(x).view(n, -1, self.head_dim)
         v = attn.v_proj(x).view(n, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        return apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1)
+
+    @torch.inference_mode()
+    def first_layer(self, ids: Tensor) -> LayerKV:
+        """Layer 0's keys and values of the tokens `ids` [n] at positions 0..n-1, as a prefill caches them:
+        they depend on nothing but each token and its position, so a saved query-aware cache stores the ids."""
+        positions = torch.arange(ids.shape[0], device=ids.device)
+        h = self.decoder.embed_tokens(ids)
+        cos, sin = self.rope(h, positions)
+        layer = self.decoder.layers[0]
+        k, v = self.kv(layer, layer.input_layernorm(h), cos, sin)
+        return LayerKV(k, v, positions.expand(self.num_kv_heads, -1))
 
     def attend(self, layer, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Exact attention of q over k/v at KV-head granularity -> o_proj output [n, hidden].
@@ -137,7 +154,7 @@ class Runner:
             if selection.hold_queries:
                 held_queries.append(q[:, -selection.hold_queries :])
             if selection.pause:
-                cache.paused = Paused(i, h, torch.stack(held_queries) if held_queries else None)
+                cache.paused = Paused(i, h, torch.stack(held_queries) if held_queries else None, ids)
                 cache.layers += [LayerKV(k[:, :0], v[:, :0], positions[:0].expand(self.num_kv_heads, -1))
                                  for _ in range(i + 1, self.num_layers)]  # fmt: skip
                 progress("prefill", self.num_layers, self.num_layers)

@@ -34,14 +34,15 @@ from core.quant import (
     stored_numel,
 )
 
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
 # positions of a paused prefill's layers, which are every context token in order; versions 4 to 8 stored
-# every layer's keys and values at the dtype's bits, with no `layer_bits`; version 9 had no int6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+# every layer's keys and values at the dtype's bits, with no `layer_bits`; version 9 had no int6; versions up
+# to 10 stored a paused prefill's layer 0 keys and values, which version 11 rebuilds from the token ids
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
@@ -113,6 +114,8 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
     under its own name plus `{name}.scale` and `{name}.zero`."""
     floats = {}
     for i, layer in enumerate(cache.layers):
+        if i == 0 and cache.paused is not None:
+            continue  # rebuilt from the token ids (Runner.first_layer)
         floats[f"layers.{i}.keys"] = layer.keys
         floats[f"layers.{i}.values"] = layer.values
     if cache.paused is not None:
@@ -131,6 +134,8 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
     for i, layer in enumerate(cache.layers):
         if not caches_every_token(paused_layer, i):
             tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
+    if cache.paused is not None:
+        tensors["paused.ids"] = cache.paused.ids[: cache.seq_len].to(torch.int32).contiguous().cpu()
     return tensors
 
 
@@ -142,6 +147,21 @@ def caches_every_token(paused_layer: int | None, layer: int) -> bool:
 
 def stores_positions(manifest: dict, layer: int) -> bool:
     return manifest["format_version"] < 8 or not caches_every_token(manifest["paused_layer"], layer)
+
+
+def rebuilds_first_layer(manifest: dict) -> bool:
+    """Whether a file holds a paused prefill's token ids (`paused.ids`) in place of its layer 0 keys and values."""
+    return manifest["format_version"] >= 11 and manifest["paused_layer"] is not None
+
+
+def stored_layers(manifest: dict) -> range:
+    """The layers whose keys and values a file holds."""
+    return range(1 if rebuilds_first_layer(manifest) else 0, manifest["model"]["num_layers"])
+
+
+def quantizable(name: str) -> bool:
+    """Whether a stored tensor is quantized in a quantized file: all but positions and token ids."""
+    return not name.endswith(".positions") and name != "paused.ids"
 
 
 def group_dim(name: str, quantization: dict) -> int:
@@ -235,9 +255,11 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_cache(
-    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, first_layer=None
 ) -> tuple[KVCache, dict]:
-    """Load and verify a .fkv file -> (cache on `device` in `dtype`, manifest)."""
+    """Load and verify a .fkv file -> (cache on `device` in `dtype`, manifest). `first_layer` (the model's
+    Runner.first_layer) rebuilds layer 0 of a query-aware cache from its token ids; without it (`cache info`)
+    that layer holds only its positions."""
     with open_cache(path) as f:
         manifest = parse_manifest(path, f.metadata())
         try:
@@ -246,15 +268,21 @@ def load_cache(
             raise CacheFileError(f"{path}: damaged tensor data ({error})") from None
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
-    return cache_from_tensors(path, tensors, manifest, device, dtype), manifest
+    return cache_from_tensors(path, tensors, manifest, device, dtype, first_layer), manifest
 
 
-def cache_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict, device, dtype) -> KVCache:
+def cache_from_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], manifest: dict, device, dtype, first_layer=None
+) -> KVCache:
     """The cache that a file's tensors and manifest hold, checked as load_cache checks it."""
     if manifest["quantization"] is not None:
         tensors = dequantized(path, tensors, manifest)
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
-    paused = paused_from_tensors(path, tensors, layers, manifest)
+    ids = paused_ids(path, tensors, manifest)
+    if ids is not None:  # layer 0 of a version 11 query-aware file
+        ids = ids.to(device)
+        layers.insert(0, unbuilt_first_layer(ids) if first_layer is None else first_layer(ids))
+    paused = paused_from_tensors(path, tensors, layers, manifest, ids)
     return KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
 
 
@@ -433,10 +461,12 @@ def check_quantization(manifest: dict) -> None:
 def expected_names(manifest: dict) -> set[str]:
     """The float tensors' and positions' names a file of this manifest holds."""
     model = manifest["model"]
-    names = {f"layers.{i}.{part}" for i in range(model["num_layers"]) for part in ("keys", "values")}
+    names = {f"layers.{i}.{part}" for i in stored_layers(manifest) for part in ("keys", "values")}
     names |= {f"layers.{i}.positions" for i in range(model["num_layers"]) if stores_positions(manifest, i)}
     if manifest["paused_layer"] is not None:
         names.add("paused.hidden")
+        if rebuilds_first_layer(manifest):
+            names.add("paused.ids")
         if manifest["format_version"] >= 3 and resumed_method(manifest).window is not None:
             names.add("paused.queries")
     return names
@@ -453,7 +483,7 @@ def float_shapes(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -
     """The shape each quantized tensor stands for, from the positions and the manifest."""
     model, context = manifest["model"], manifest["context_tokens"]
     shapes = {}
-    for i in range(model["num_layers"]):
+    for i in stored_layers(manifest):
         positions = tensors.get(f"layers.{i}.positions")
         if positions is not None and (positions.dim() != 2 or positions.shape[0] != model["num_kv_heads"]):
             raise CacheFileError(f"{path}: layer {i} has tensors of the wrong shape")
@@ -474,10 +504,10 @@ def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
     quantization = manifest["quantization"]
     group = quantization["group_size"]
     floats = expected_names(manifest)
-    parts = {name + suffix for name in floats if not name.endswith(".positions") for suffix in (".scale", ".zero")}
+    parts = {name + suffix for name in floats if quantizable(name) for suffix in (".scale", ".zero")}
     if set(tensors) != floats | parts:
         raise names_mismatch(path, manifest)
-    result = {name: tensors[name] for name in floats if name.endswith(".positions")}
+    result = {name: tensors[name] for name in floats if not quantizable(name)}
     for name, shape in float_shapes(path, tensors, manifest).items():
         dim, bits = group_dim(name, quantization), tensor_bits(name, quantization)
         codes, scale, zero = tensors[name], tensors[name + ".scale"], tensors[name + ".zero"]
@@ -506,7 +536,7 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
         raise names_mismatch(path, manifest)
     stored = CACHE_DTYPES.get(manifest["dtype"], DEQUANTIZED)
     layers = []
-    for i in range(model["num_layers"]):
+    for i in stored_layers(manifest):
         keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
         n = keys.shape[1] if keys.dim() == 3 else -1
         expected = (model["num_kv_heads"], n, model["head_dim"])
@@ -536,7 +566,29 @@ def layers_from_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: 
     return layers
 
 
-def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: list[LayerKV], manifest: dict):
+def unbuilt_first_layer(ids: torch.Tensor) -> LayerKV:
+    """Layer 0 of a version 11 query-aware file loaded without the model (`cache info`): every context token's
+    position in one row, and no key or value channels, so nothing can attend to it by mistake."""
+    empty = torch.empty(1, len(ids), 0, device=ids.device)
+    return LayerKV(empty, empty, torch.arange(len(ids), device=ids.device).unsqueeze(0))
+
+
+def paused_ids(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> torch.Tensor | None:
+    """A version 11 query-aware file's context token ids (int64), checked against the context and the vocabulary."""
+    ids = tensors.get("paused.ids")
+    if ids is None:
+        return None
+    if ids.dtype != torch.int32 or tuple(ids.shape) != (manifest["context_tokens"],):
+        raise CacheFileError(f"{path}: paused.ids should hold {manifest['context_tokens']:,} int32 token ids")
+    vocabulary = manifest["model"]["vocab_size"]
+    if ids.min() < 0 or ids.max() >= vocabulary:
+        raise CacheFileError(f"{path}: paused.ids holds token ids outside the model's vocabulary of {vocabulary:,}")
+    return ids.long()
+
+
+def paused_from_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], layers: list[LayerKV], manifest: dict, ids: torch.Tensor | None
+):
     """A query-aware cache's paused prefill: every context token cached, in order, up to `paused_layer`,
     nothing deeper, and one hidden state per context token."""
     layer = manifest["paused_layer"]
@@ -557,11 +609,11 @@ def paused_from_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: li
             raise CacheFileError(f"{path}: the paused queries have the wrong dtype")
     every = torch.arange(context, dtype=torch.int32)
     for i, cached in enumerate(layers):
-        if i <= layer and not (cached.length == context and bool((cached.positions == every).all())):
+        if i <= layer and not (cached.length == context and bool((cached.positions.cpu() == every).all())):
             raise CacheFileError(f"{path}: layer {i} of a paused prefill does not cache every context token")
         if i > layer and cached.length:
             raise CacheFileError(f"{path}: layer {i} is past the paused layer {layer} but caches tokens")
-    return Paused(layer, hidden, queries)
+    return Paused(layer, hidden, queries, ids)
 
 
 def describe_cache(path: Path) -> dict:

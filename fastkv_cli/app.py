@@ -400,19 +400,14 @@ def cache_query(
     Example:
       fastkv cache query report.fkv "Who audited it?" "When?"
     """
-    from core.engine import SavedContext
     from core.methods import Budget
-    from core.stats import RunStats
-    from core.store import load_cache, read_manifest
+    from core.store import read_manifest
 
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
     reselect = None if budget is None else Budget.parse(budget)
     manifest = read_manifest(cache_file)
     engine = load_engine(model or manifest["model"]["spec"], device, dtype, quiet)
-    engine.check_compatible(manifest, str(cache_file))
-    start = time.perf_counter()
-    cache, manifest = load_cache(cache_file, engine.loaded.device, engine.loaded.dtype)
-    saved = SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
+    saved = engine.load_saved(cache_file)
     for question in questions or stdin_questions():
         on_text = (lambda text: None) if json else stream_to_stdout
         show(engine.query(saved, question, reselect, decoding, on_text), json, quiet)

@@ -8,7 +8,6 @@ import io
 import os
 import queue
 import threading
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,8 +17,6 @@ from pathlib import Path
 from core.documents import Document, read_document
 from core.engine import Engine, SavedContext
 from core.errors import FastKVError, InputError
-from core.stats import RunStats
-from core.store import load_cache, read_manifest
 
 MIB = 1 << 20
 END = {"event": "end"}  # a job's last event; never sent to the client
@@ -233,7 +230,7 @@ class CacheLRU:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key][0]
-        saved = load_saved(path, engine)
+        saved = engine.load_saved(path)
         if key is not None:
             self.keep(key, saved)
         return saved
@@ -255,15 +252,6 @@ class CacheLRU:
     def summary(self) -> dict:
         with self.lock:
             return {"loaded": len(self.entries), "bytes": self.used(), "budget_bytes": self.budget}
-
-
-def load_saved(path: Path, engine: Engine) -> SavedContext:
-    """What `cache query` loads once: the manifest checked against the server's model, then the tensors."""
-    manifest = read_manifest(path)
-    engine.check_compatible(manifest, str(path))
-    start = time.perf_counter()
-    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
-    return SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
 
 
 def uploaded_document(name: str, data: bytes) -> Document:

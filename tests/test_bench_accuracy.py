@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import Engine, SavedContext
+from core.engine import Engine
 from core.generation import Decoding
 from core.methods import Budget, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import PromptTemplate
 from core.runner import Runner
-from core.store import load_cache, save_cache
+from core.store import save_cache
 from tests.helpers import assert_same_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,8 +288,7 @@ def test_each_storage_dtype_answers_as_cache_build_then_cache_query(tiny_engine,
         built = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
         path = tmp_path / "c.fkv"
         save_cache(path, built.cache, built.manifest, o.variant.dtype, force=True)
-        cache, manifest = load_cache(path, tiny_engine.loaded.device, tiny_engine.loaded.dtype)
-        saved = SavedContext(cache, manifest, built.stats)
+        saved = tiny_engine.load_saved(path)
         assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
     lines = accuracy.storage_checks(outcomes)
     assert len(lines) == 2 * 3 * 2  # int8 and int4 against float16, 3 modes, 2 budgets

@@ -19,7 +19,7 @@ def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, 
     saved = build(engine, document, budget="20%", query_aware=True)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, dtype)
-    from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype)
+    from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
 
     in_memory, nbytes = storage.stored(engine, saved, storage.Storage(dtype, HIDDEN_BITS if dtype == "int4" else None))
 

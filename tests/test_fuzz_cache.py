@@ -340,11 +340,17 @@ def assert_intact(path: Path, data: bytes) -> None:
         if name.endswith((".scale", ".zero")):
             assert tensor.dtype == torch.float16 and bool(tensor.isfinite().all())
             assert name.endswith(".zero") or bool((tensor > 0).all())
-        elif manifest["quantization"] is not None and not name.endswith(".positions"):
+        elif manifest["quantization"] is not None and not name.endswith(".positions") and name != "paused.ids":
             assert tensor.dtype == torch.uint8
     assert len(cache.layers) == model["num_layers"] >= 1
     assert cache.seq_len == manifest["context_tokens"] >= 1
-    for layer in cache.layers:
+    rebuilt = cache.paused is not None and cache.paused.ids is not None  # layer 0 as token ids (version 11)
+    if rebuilt:  # without the model, layer 0 holds only its positions, every context token's
+        ids, first = cache.paused.ids, cache.layers[0]
+        assert ids.shape == (cache.seq_len,) and 0 <= int(ids.min()) and int(ids.max()) < model["vocab_size"]
+        assert first.keys.numel() == first.values.numel() == 0
+        assert torch.equal(first.positions, torch.arange(cache.seq_len).unsqueeze(0))
+    for layer in cache.layers[1 if rebuilt else 0 :]:
         n = layer.length
         assert layer.keys.shape == layer.values.shape == (model["num_kv_heads"], n, model["head_dim"])
         assert layer.positions.shape == (model["num_kv_heads"], n)

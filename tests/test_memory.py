@@ -113,12 +113,13 @@ def test_a_paused_build_counts_its_layers_and_the_hidden_states_it_holds(tiny_mo
     layers, f16 = config.num_hidden_layers, torch.float16
     full = estimate_prefill(config, tokens, make_method("fullkv"), torch.float32, "cpu", saved_dtype=f16)
 
-    paused = estimate_prefill(config, tokens, PauseAfter(layer=0), torch.float32, "cpu", saved_dtype=f16)
+    paused = estimate_prefill(config, tokens, PauseAfter(layer=1), torch.float32, "cpu", saved_dtype=f16)
 
     hidden, positions = tokens * config.hidden_size, 4 * config.num_key_value_heads * tokens
-    assert paused.cache == full.cache // layers + hidden * 4  # one layer's cache, and float32 hidden states
-    # their float16 copy and its bytes, without the layer's positions: every token, not stored
-    assert paused.saving == full.saving // layers - 2 * positions + 2 * hidden * 2
+    assert paused.cache == 2 * full.cache // layers + hidden * 4  # two layers' cache, and float32 hidden states
+    # their float16 copy and its bytes: layer 1 without its positions (every token, not stored), layer 0 as the
+    # int32 token ids it is rebuilt from
+    assert paused.saving == full.saving // layers - 2 * positions + 2 * hidden * 2 + 2 * 4 * tokens
     assert paused.activations == full.activations  # the layers it runs see every token, as fullkv's
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import SavedContext
 from core.quant import (
     CODE_WIDTHS,
     HIDDEN_BITS,
@@ -21,7 +20,6 @@ from core.quant import (
     ungrouped,
     unpack,
 )
-from core.stats import RunStats
 from core.store import FORMAT_VERSION, load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
     QUESTION,
@@ -118,9 +116,11 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
     return path
 
 
-def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_aware):  # noqa: F811
-    """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file."""
-    cache, manifest = load_cache(quantized_file, "cpu", torch.float32)
+def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, query_aware):  # noqa: F811
+    """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file;
+    layer 0 rebuilt from the token ids, exact."""
+    cache, manifest = load_cache(quantized_file, "cpu", torch.float32, engine.runner.first_layer)
+    assert torch.equal(cache.layers[0].keys, query_aware.cache.layers[0].keys)
     quantization = manifest["quantization"]
     bits, paused = quantization["bits"], manifest["paused_layer"] + 1
     assert manifest["format_version"] == FORMAT_VERSION and quantization["group_size"] == 16
@@ -141,33 +141,55 @@ def test_a_quantized_file_loads_close_to_the_originals(quantized_file, query_awa
 
 
 def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatch):  # noqa: F811
-    """The tiny model pauses after 2 layers, too few to shift a bit: give them 3 and 5 bits."""
-    uniform = save_cache(tmp_path / "uniform.fkv", query_aware.cache, query_aware.manifest, "int4")
-    monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [3, 5])
-    shifted = save_cache(tmp_path / "shifted.fkv", query_aware.cache, query_aware.manifest, "int4")
-    cache, manifest = load_cache(tmp_path / "shifted.fkv", "cpu", torch.float32)
+    """The tiny model pauses after 2 layers, too few to shift a bit, and layer 0 is rebuilt from the token ids:
+    store layer 1 at 3 bits, then at 5."""
+    sizes, layers = {}, {}
+    for width in (3, 5):
+        monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers, width=width: [bits, width])
+        sizes[width] = save_cache(tmp_path / f"{width}.fkv", query_aware.cache, query_aware.manifest, "int4")
+        cache, manifest = load_cache(tmp_path / f"{width}.fkv", "cpu", torch.float32)
+        assert manifest["quantization"]["layer_bits"] == [4, width]
+        layers[width] = cache.layers[1]
 
-    assert manifest["quantization"]["layer_bits"] == [3, 5] and abs(shifted - uniform) <= 64  # same bytes, but padding
-    for layer, original, width in zip(cache.layers, query_aware.cache.layers, [3, 5], strict=False):
+    original = query_aware.cache.layers[1]
+    assert sizes[3] < sizes[5]
+    for width, layer in layers.items():
         for loaded, stored in ((layer.keys, original.keys), (layer.values, original.values)):
             span = (stored.max() - stored.min()).item()
             assert (loaded - stored).abs().max().item() <= span / ((1 << width) - 1) / 2 * 1.01
-    assert cache.layers[0].keys.sub(query_aware.cache.layers[0].keys).abs().max() > 0  # 3 bits do round
+    assert layers[3].keys.sub(original.keys).abs().max() > layers[5].keys.sub(original.keys).abs().max()
 
 
-def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(query_aware, tmp_path, monkeypatch):  # noqa: F811
+def with_quantized_first_layer(engine, bits: int, group: int = 16):  # noqa: F811
+    """A version 10 or older quantized file's tensors: a paused prefill's layer 0 keys (grouped along tokens) and
+    values (along channels) at `bits`, no token ids."""
+
+    def edit(tensors):
+        layer = engine.runner.first_layer(tensors.pop("paused.ids").long())
+        for part, tensor, dim in (("keys", layer.keys, -2), ("values", layer.values, -1)):
+            q = quantize(tensor, bits, group, dim)
+            tensors.update({f"layers.0.{part}": q.codes, f"layers.0.{part}.scale": q.scale})
+            tensors[f"layers.0.{part}.zero"] = q.zero
+
+    return edit
+
+
+def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(engine, query_aware, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [bits] * layers)
     path = tmp_path / "v9.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, "int4")
-    expected = load_cache(path, "cpu", torch.float32)[0]
+    expected = load_cache(path, "cpu", torch.float32, engine.runner.first_layer)[0]
 
     def as_version_8(manifest):
         manifest["format_version"] = 8
         del manifest["quantization"]["layer_bits"]
 
-    cache, manifest = load_cache(rewrite_manifest(path, tmp_path / "v8.fkv", as_version_8), "cpu", torch.float32)
+    older = rewrite_tensors(path, tmp_path / "v8-tensors.fkv", with_quantized_first_layer(engine, 4))
+    cache, manifest = load_cache(rewrite_manifest(older, tmp_path / "v8.fkv", as_version_8), "cpu", torch.float32)
     assert manifest["format_version"] == 8 and manifest["quantization"]["layer_bits"] == []
-    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, expected.layers, strict=True))
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers[1:], expected.layers[1:], strict=True))
+    span = (expected.layers[0].keys.max() - expected.layers[0].keys.min()).item()
+    assert (cache.layers[0].keys - expected.layers[0].keys).abs().max().item() <= span / 15 / 2 * 1.01
 
 
 def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
@@ -200,7 +222,7 @@ OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hid
 
 
 @pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
-def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path, case):  # noqa: F811
+def test_an_older_file_loads_its_hidden_states_as_written(engine, query_aware, tmp_path, case):  # noqa: F811
     """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
     version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
     path = tmp_path / "v7.fkv"
@@ -210,6 +232,7 @@ def test_an_older_file_loads_its_hidden_states_as_written(query_aware, tmp_path,
 
     def as_written(tensors):
         tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
+        with_quantized_first_layer(engine, {"int8": 8, "int4": 4}[dtype])(tensors)
         with_paused_positions(tensors, hidden.shape[0])
 
     def as_older(manifest):
@@ -243,8 +266,7 @@ def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_
     logits = {}
     for dtype in ("float32", "int8"):
         save_cache(tmp_path / f"{dtype}.fkv", built.cache, built.manifest, dtype)
-        cache, manifest = load_cache(tmp_path / f"{dtype}.fkv", "cpu", torch.float32)
-        logits[dtype] = engine.append_question(SavedContext(cache, manifest, RunStats()), ids)[1].reshape(-1)
+        logits[dtype] = engine.append_question(engine.load_saved(tmp_path / f"{dtype}.fkv"), ids)[1].reshape(-1)
     spread = (logits["float32"].max() - logits["float32"].min()).item()
     assert (logits["int8"] - logits["float32"]).abs().max().item() <= 0.02 * spread
     assert logits["int8"].argmax() == logits["float32"].argmax()
@@ -280,16 +302,16 @@ def put(value):
 
 BAD_TENSORS = {
     "nan-scale": (change("layers.1.values.scale", put(float("nan"))), "layers.1.values.scale holds NaN"),
-    "infinite-scale": (change("layers.0.keys.scale", put(float("inf"))), "layers.0.keys.scale holds NaN or infinite"),
+    "infinite-scale": (change("layers.1.keys.scale", put(float("inf"))), "layers.1.keys.scale holds NaN or infinite"),
     "infinite-zero": (change("paused.hidden.zero", put(float("-inf"))), "paused.hidden.zero holds NaN or infinite"),
     "zero-scale": (change("paused.queries.scale", put(0.0)), "paused.queries.scale holds scales that are not positive"),
     "scale-of-wrong-shape": (
-        change("layers.0.values.scale", lambda t: t[:, :-1].contiguous()),
-        "layers.0.values.scale has the wrong shape",
+        change("layers.1.values.scale", lambda t: t[:, :-1].contiguous()),
+        "layers.1.values.scale has the wrong shape",
     ),
     "scale-in-float32": (
-        change("layers.0.keys.scale", lambda t: t.float()),
-        "layers.0.keys.scale has the wrong shape or dtype",
+        change("layers.1.keys.scale", lambda t: t.float()),
+        "layers.1.keys.scale has the wrong shape or dtype",
     ),
     "codes-of-wrong-length": (change("layers.1.keys", lambda t: t.reshape(-1)[:-1]), "layers.1.keys should hold"),
     "codes-in-int8": (change("paused.hidden", lambda t: t.view(torch.int8)), "paused.hidden should hold"),
@@ -323,7 +345,7 @@ BAD_SCHEMES = {
         "manifest.quantization.layer_bits should list",
     ),
     "layer-bits-not-a-list": (assign_quantization("layer_bits", 4), "manifest.quantization.layer_bits should be list"),
-    "layer-bits-wrong-width": (assign_quantization("layer_bits", [3, 4]), "layers.0.keys should hold"),
+    "layer-bits-wrong-width": (assign_quantization("layer_bits", [4, 3]), "layers.1.keys should hold"),
     "no-scheme": (lambda manifest: manifest.update(quantization=None), "manifest.quantization is missing"),
     "float-with-scheme": (lambda manifest: manifest.update(dtype="float16"), "should be null for float16"),
 }
@@ -337,7 +359,7 @@ def test_a_bad_quantization_scheme_is_refused(quantized_file, tmp_path, case):
 
 
 def test_the_checksum_covers_the_codes_as_stored(quantized_file, tmp_path):
-    path = rewrite_tensors(quantized_file, tmp_path / "bad.fkv", change("layers.0.keys", lambda t: t ^ 1), rehash=False)
+    path = rewrite_tensors(quantized_file, tmp_path / "bad.fkv", change("layers.1.keys", lambda t: t ^ 1), rehash=False)
     assert "checksum" in refusal(load_cache, path)
 
 

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-import fastkv_cli.service
 from fastkv_cli.service import CacheLRU
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
@@ -419,24 +418,24 @@ def test_openai_chat_from_a_saved_cache(http, model, allowed):
 def test_cache_lru_evicts_the_least_recently_used_within_its_budget(tmp_path, monkeypatch):
     loads = []
 
-    def fake_load(path, engine):
+    def fake_load(path):
         loads.append(path.name)
         return SimpleNamespace(cache=SimpleNamespace(nbytes=int(path.read_text()), paused=None))
 
-    monkeypatch.setattr(fastkv_cli.service, "load_saved", fake_load)
+    engine = SimpleNamespace(load_saved=fake_load)
     files = {name: tmp_path / name for name in ("a", "b", "c", "huge")}
     for name, size in (("a", 40), ("b", 40), ("c", 40), ("huge", 1000)):
         files[name].write_text(str(size))
     lru = CacheLRU(budget_bytes=100)
 
     for name in ("a", "b", "a", "c", "a", "b", "huge", "huge"):
-        lru.get(files[name], engine=None)
+        lru.get(files[name], engine=engine)
 
     # a, b loaded; a hit; c evicts b (least recent); a hit; b evicts c; huge is used but never kept
     assert loads == ["a", "b", "c", "b", "huge", "huge"]
     assert lru.summary() == {"loaded": 2, "bytes": 80, "budget_bytes": 100}
     files["a"].write_text("41")  # rewritten: another size, so it is loaded again
-    lru.get(files["a"], engine=None)
+    lru.get(files["a"], engine=engine)
     assert loads[-1] == "a" and lru.summary()["bytes"] == 81
 
 

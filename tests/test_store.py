@@ -127,15 +127,18 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
     assert read_manifest(path) == manifest
 
 
-def test_query_aware_round_trip_keeps_the_paused_prefill_bit_exact(query_aware, tmp_path):
+def test_query_aware_round_trip_keeps_the_paused_prefill_bit_exact(engine, query_aware, tmp_path):
+    """Layer 0 is stored as the token ids and rebuilt from them by the model, to the bit."""
     path = tmp_path / "c.fkv"
 
     save_cache(path, query_aware.cache, query_aware.manifest, "float32")
-    cache, manifest = load_cache(path, "cpu", None)
+    cache, manifest = load_cache(path, "cpu", None, engine.runner.first_layer)
 
     assert manifest["paused_layer"] == query_aware.cache.paused.layer == NUM_LAYERS // 2 - 1
     assert_same_cache(cache, query_aware.cache)
     assert torch.equal(cache.paused.hidden, query_aware.cache.paused.hidden)
+    with safe_open(str(path), framework="pt") as f:
+        assert "layers.0.keys" not in f.keys() and f.get_tensor("paused.ids").shape == (cache.seq_len,)
 
 
 def test_a_version_1_file_still_loads(cache_file, tmp_path):
@@ -190,8 +193,7 @@ def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, document
     saved = build(engine, document, **kind)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
-    cache, manifest = load_cache(path, "cpu", torch.float32)
-    loaded = SavedContext(cache, manifest, RunStats(cache_load_s=0.0))
+    loaded = engine.load_saved(path)
     decoding = Decoding(max_new_tokens=6)
 
     in_memory = engine.query(saved, QUESTION, decoding=decoding)
@@ -532,8 +534,8 @@ def drop_last_token(layer: int):
 
 def fill_deeper_layer(tensors):
     for part in ("keys", "values"):
-        tensors[f"layers.{NUM_LAYERS - 1}.{part}"] = tensors[f"layers.0.{part}"][:, :3].contiguous()
-    kv_heads = tensors["layers.0.keys"].shape[0]
+        tensors[f"layers.{NUM_LAYERS - 1}.{part}"] = tensors[f"layers.1.{part}"][:, :3].contiguous()
+    kv_heads = tensors["layers.1.keys"].shape[0]
     tensors[f"layers.{NUM_LAYERS - 1}.positions"] = torch.arange(3, dtype=torch.int32).repeat(kv_heads, 1)
 
 
@@ -541,7 +543,7 @@ def with_paused_positions(tensors, context: int | None = None):
     """A version 7 or older file's tensors: the positions of a paused prefill's layers stored too.
     `context`: the file's context tokens, where its hidden states are quantized codes."""
     context = context or tensors["paused.hidden"].shape[0]
-    kv_heads = tensors["layers.0.keys.scale" if "layers.0.keys.scale" in tensors else "layers.0.keys"].shape[0]
+    kv_heads = tensors["layers.1.keys.scale" if "layers.1.keys.scale" in tensors else "layers.1.keys"].shape[0]
     for name in [name for name in tensors if name.endswith(".keys")]:
         every = torch.arange(context, dtype=torch.int32).repeat(kv_heads, 1)
         tensors.setdefault(name.removesuffix("keys") + "positions", every)
@@ -564,6 +566,17 @@ PAUSED_CASES = {
     "queries-in-float32": (update("paused.queries", lambda q: q.float()), "queries have the wrong dtype"),
     "paused-layer-misses-a-token": (drop_last_token(1), "layer 1 has tensors of the wrong shape"),
     "deeper-layer-caches-tokens": (fill_deeper_layer, f"layer {NUM_LAYERS - 1} is past the paused layer 1"),
+    "token-ids-missing": (lambda t: t.pop("paused.ids"), "and a paused prefill"),
+    "a-token-id-too-few": (update("paused.ids", lambda ids: ids[1:].contiguous()), "paused.ids should hold"),
+    "token-ids-in-int64": (update("paused.ids", lambda ids: ids.long()), "paused.ids should hold"),
+    "token-id-past-the-vocabulary": (
+        update("paused.ids", lambda ids: ids.index_fill(0, torch.tensor([3]), 1 << 30)),
+        "paused.ids holds token ids outside the model's vocabulary",
+    ),
+    "negative-token-id": (
+        update("paused.ids", lambda ids: ids.index_fill(0, torch.tensor([0]), -1)),
+        "paused.ids holds token ids outside",
+    ),
 }
 
 
@@ -603,13 +616,39 @@ def test_a_context_count_beyond_the_stored_tokens_is_refused_before_positions_ar
     arange = torch.arange
     monkeypatch.setattr(torch, "arange", lambda n, *a, **k: built.append(n) or arange(n, *a, **k))
 
-    assert "layer 0 has tensors of the wrong shape" in refusal(load_cache, path)
+    assert "layer 1 has tensors of the wrong shape" in refusal(load_cache, path)
     assert all(n <= query_aware.cache.seq_len for n in built)
 
 
-def test_a_version_7_file_loads_the_paused_positions_it_stores(query_aware, query_aware_file, tmp_path):
+def with_first_layer(engine: Engine):
+    """A version 10 or older float16 file's tensors: a paused prefill's layer 0 keys and values, no token ids."""
+
+    def edit(tensors):
+        layer = engine.runner.first_layer(tensors.pop("paused.ids").long())
+        tensors["layers.0.keys"] = layer.keys.half().contiguous()
+        tensors["layers.0.values"] = layer.values.half().contiguous()
+
+    return edit
+
+
+def test_a_version_10_file_loads_the_layer_0_it_stores(engine, query_aware, query_aware_file, tmp_path):
+    path = rewrite_tensors(query_aware_file, tmp_path / "v10-tensors.fkv", with_first_layer(engine))
+    path = rewrite_manifest(path, tmp_path / "v10.fkv", assign(10, "format_version"))
+    rebuilt = load_cache(query_aware_file, "cpu", torch.float32, engine.runner.first_layer)[0]
+
+    cache, manifest = load_cache(path, "cpu", torch.float32)  # no model needed: layer 0 is in the file
+    assert manifest["format_version"] == 10 and cache.paused.ids is None
+    assert torch.equal(cache.layers[0].keys, rebuilt.layers[0].keys.half().float())
+    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, decoding=Decoding(max_new_tokens=4))
+    assert answer.stats.new_tokens >= 1
+    short = rewrite_tensors(path, tmp_path / "v10-short.fkv", update("layers.0.keys", lambda k: k[:, 1:].contiguous()))
+    assert "layer 0 has tensors of the wrong shape" in refusal(load_cache, short)
+
+
+def test_a_version_7_file_loads_the_paused_positions_it_stores(engine, query_aware, query_aware_file, tmp_path):
     """Up to version 7 a file stored the positions of a paused prefill's layers, and they were checked."""
-    path = rewrite_tensors(query_aware_file, tmp_path / "v7-tensors.fkv", with_paused_positions)
+    old = lambda t: (with_first_layer(engine)(t), with_paused_positions(t))  # noqa: E731
+    path = rewrite_tensors(query_aware_file, tmp_path / "v7-tensors.fkv", old)
     path = rewrite_manifest(path, tmp_path / "v7.fkv", assign(7, "format_version"))
     cache, manifest = load_cache(path, "cpu", torch.float32)
     for loaded, original in zip(cache.layers, query_aware.cache.layers, strict=True):
@@ -620,7 +659,8 @@ def test_a_version_7_file_loads_the_paused_positions_it_stores(query_aware, quer
 
 
 def test_a_version_2_query_aware_file_without_held_queries_still_loads_and_answers(engine, query_aware_file, tmp_path):
-    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", lambda t: (drop_queries(t), with_paused_positions(t)))
+    old = lambda t: (drop_queries(t), with_first_layer(engine)(t), with_paused_positions(t))  # noqa: E731
+    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", old)
     path = rewrite_manifest(path, tmp_path / "v2-manifest.fkv", assign(2, "format_version"))
 
     cache, manifest = load_cache(path, "cpu", torch.float32)
@@ -839,10 +879,9 @@ def test_a_query_aware_cache_answers_exactly_as_ask(engine, document, tmp_path, 
     path = tmp_path / "q.fkv"
     saved = build(engine, document, budget="20%", query_aware=True)
     save_cache(path, saved.cache, saved.manifest, "float32")
-    cache, manifest = load_cache(path)
     decoding = Decoding(max_new_tokens=8)
 
-    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, Budget.parse(budget or "20%"), decoding)
+    answer = engine.query(engine.load_saved(path), QUESTION, Budget.parse(budget or "20%"), decoding)
     asked = engine.ask([document], QUESTION, make_method("fastkv", budget=budget or "20%", window=8), decoding)
 
     assert token_log[0] == token_log[1] and answer.text == asked.text

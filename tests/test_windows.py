@@ -5,13 +5,12 @@ crashed every query of a query-aware cache whose question was shorter)."""
 import pytest
 import torch
 
-from core.engine import Engine, SavedContext
+from core.engine import Engine
 from core.generation import Decoding, generate
 from core.methods import Budget, PauseAfter, make_method
 from core.models import load_model
 from core.runner import Runner
-from core.stats import RunStats
-from core.store import load_cache, save_cache
+from core.store import save_cache
 from tests.helpers import make_document, random_ids
 
 TOL = 1e-4  # fp32
@@ -89,11 +88,11 @@ def test_every_cache_kind_answers_with_any_window_and_query_aware_answers_as_ask
     )
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
-    cache, manifest = load_cache(path)
+    loaded = engine.load_saved(path)
     decoding = Decoding(max_new_tokens=6)
 
     for question in QUESTIONS:
-        answer = engine.query(SavedContext(cache, manifest, RunStats()), question, decoding=decoding)
+        answer = engine.query(loaded, question, decoding=decoding)
         assert answer.stats.new_tokens >= 1
         if kind == "query-aware":
             asked = engine.ask([DOCUMENT], question, method, decoding)
