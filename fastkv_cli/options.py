@@ -55,8 +55,8 @@ FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
 # what `cache build` stores (the CLI and the server alike; #13): int6, the paused hidden states at 6 bits and the
-# keys and values at 5 to 7 bits by layer, 22-26% of a float16 fullkv file. On the 100 held-out questions it gives
-# `ask`'s answer on 96 and scores within one of it; int4 (19.7%) gives 83 and loses 3 of `ask`'s 39 right answers
+# keys and values at 5 to 7 bits by layer, 21-24.5% of a float16 fullkv file. On the 100 held-out questions it gives
+# `ask`'s answer on 96 and scores within one of it; int4 (18.8%) gives 83 and loses 3 of `ask`'s 39 right answers
 DEFAULT_CACHE_DTYPE = "int6"
 CacheDtype = Annotated[
     str,

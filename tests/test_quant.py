@@ -174,7 +174,12 @@ def with_quantized_first_layer(engine, bits: int, group: int = 16):  # noqa: F81
     return edit
 
 
-def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(engine, query_aware, tmp_path, monkeypatch):  # noqa: F811
+def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(
+    engine,  # noqa: F811
+    query_aware,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [bits] * layers)
     path = tmp_path / "v9.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, "int4")
