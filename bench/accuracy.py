@@ -272,8 +272,8 @@ def stored(engine: Engine, saved: SavedContext, dtype: str) -> SavedContext:
     """`saved` as `cache query` would see it after `cache build --cache-dtype dtype`: written and read back."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c.fkv"
-        save_cache(path, saved.cache, saved.manifest, dtype)
-        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
+        save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
+        cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner)
     return SavedContext(cache, {**saved.manifest, **manifest}, saved.stats)
 
 

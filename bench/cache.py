@@ -36,14 +36,14 @@ from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.quant import BITS
-from core.store import dequantized, load_cache, save_cache
+from core.store import CODED, decoded, dequantized, load_cache, save_cache
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
 MODEL_TOKENS = [8192, 16384]  # any other model (#13: 8K and 16K on the benchmark model)
 DEFAULT_REPEATS = 3
 QUESTION = "How long does a licensee have to cure a violation after being notified?"
 FIRST_TOKEN = Decoding(max_new_tokens=1)
-STORAGE = ("float16", *BITS)  # float16, then every quantized dtype `cache build` offers
+STORAGE = ("float16", *BITS)  # float16, then every quantized dtype `cache build` offers; and coded, query-aware
 REPREFILL = "fullkv re-prefill"
 # #13: the file ≤ 20% of the float16 fullkv file; query TTFT ≥ 8× faster than a fullkv re-prefill (at 8K
 # on the benchmark model); cache load ≤ 0.5 s (at 7.5K on the embedded model)
@@ -99,29 +99,31 @@ def build_all(engine: Engine, document: Path, folder: Path, made: list[Kind]) ->
         query_budget = None if kind.query_budget is None else str(kind.query_budget)
         manifest = {**saved.manifest, "query_budget": query_budget}
         files[kind.name] = {}
-        for dtype in STORAGE:
+        for dtype in (*STORAGE, CODED) if kind.query_aware else STORAGE:
             path = folder / f"{kind.name.replace(' ', '-')}-{dtype}.fkv"
-            save_cache(path, saved.cache, manifest, dtype, force=True)
+            save_cache(path, saved.cache, manifest, dtype, True, engine.runner)
             files[kind.name][dtype] = path
     return files
 
 
 def load(engine: Engine, path: Path) -> None:
     """What `cache query` does first: read, verify and (quantized dtypes) de-quantize the file onto the model's device."""
-    load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
+    load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner)
 
 
 def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object], Callable[[], object] | None]:
     """#13 item 2, the two ways to hold a loaded cache between questions: de-quantized (what load_cache
     does) or as stored, de-quantizing a fresh copy for each question -> (bytes de-quantized, bytes as
     stored, each question's copy one way, the other way; None for a float file)."""
-    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
+    cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner)
     resident = sum(layer.nbytes for layer in cache.layers) + (0 if cache.paused is None else cache.paused.nbytes)
     with safe_open(str(path), framework="pt") as f:
         stored = {name: f.get_tensor(name) for name in f.keys()}
     stored_bytes = sum(tensor.nbytes for tensor in stored.values())
     if manifest["quantization"] is None:
         return resident, stored_bytes, cache.clone, None
+    if manifest["dtype"] == CODED:
+        return resident, stored_bytes, cache.clone, partial(decoded, path, stored, manifest, engine.runner)
     return resident, stored_bytes, cache.clone, partial(dequantized, path, stored, manifest)
 
 

@@ -1,10 +1,10 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
 int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
 `--added-bits` adds int4 storages whose keys and values have that many more bits in every layer than
-int4's (hidden states at int4's width), and `--int8` int8 storage: the frontier between the
-file's size and `ask`'s answers.
+int4's (hidden states at int4's width), `--int8` int8 storage and `--coded` coded storage (core/coded.py): the
+frontier between the file's size and `ask`'s answers.
 
-python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--half tuning|held-out]
+python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--coded] [--half tuning|held-out]
                         [--documents PATH ...] [--limit N] [--model M] [--tag T] [--no-write] [--from-raw]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
@@ -67,11 +67,11 @@ class Storage:
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
     """`saved` as a file in `storage` would give it back, and the bytes of that file's tensors."""
     quantization = storage.quantization(saved.manifest)
-    tensors = cache_tensors(saved.cache, storage.dtype, quantization)
+    tensors = cache_tensors(saved.cache, storage.dtype, quantization, engine.runner)
     manifest = {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": storage.dtype}
     manifest["quantization"] = quantization
     device, dtype = engine.loaded.device, engine.loaded.dtype
-    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype, engine.runner.first_layer)
+    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype, engine.runner)
     return SavedContext(cache, manifest, saved.stats), sum(tensor.nbytes for tensor in tensors.values())
 
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden-bits", type=int, nargs="+", choices=CODE_WIDTHS, default=DEFAULT_HIDDEN_BITS)
     parser.add_argument("--added-bits", type=int, nargs="+", choices=range(1, 5), default=[])
     parser.add_argument("--int8", action="store_true", help="int8 storage too")
+    parser.add_argument("--coded", action="store_true", help="coded storage too (cache build's default)")
     parser.add_argument("--tag", type=tag, help="suffix for the section, the plot and the answers file")
     parser.add_argument("--half", choices=HALVES, default="tuning", help="the fixed half of the questions")
     parser.add_argument("--documents", nargs="+", metavar="PATH", help="only these documents' questions")
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = report.plot.with_suffix(".json")
     storages = [Storage("float16")] + [Storage("int4", bits) for bits in args.hidden_bits]
     storages += [Storage("int4", HIDDEN_BITS, added) for added in args.added_bits] + [Storage("int8")] * args.int8
+    storages += [Storage("coded")] * args.coded
     if args.from_raw:
         if not raw.exists():
             parser.error(f"--from-raw: {raw} does not exist; run without --from-raw first")

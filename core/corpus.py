@@ -108,7 +108,7 @@ class BuildTask:
             cache_dtype=self.cache_dtype, ignore_memory=self.ignore_memory, query_aware=self.query_aware,
         )  # fmt: skip
         start = time.perf_counter()
-        size = save_cache(target, saved.cache, saved.manifest, self.cache_dtype, force=True)
+        size = save_cache(target, saved.cache, saved.manifest, self.cache_dtype, True, engine.runner)
         saved.stats.read_s = read_s
         summary = {"document": item.name, "output": str(target), "skipped": False, "file_bytes": size}
         return [{**summary, "save_s": time.perf_counter() - start, **saved.stats.to_dict()}], False

@@ -288,7 +288,7 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        check_cache_dtype(cache_dtype)
+        check_cache_dtype(cache_dtype, pause is not None)
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
         most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=cache_dtype)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
@@ -346,7 +346,7 @@ class Engine:
         server answer from. Layer 0 of a query-aware cache is rebuilt from its token ids."""
         self.check_compatible(read_manifest(path), str(path))
         start = time.perf_counter()
-        cache, manifest = load_cache(path, self.loaded.device, self.loaded.dtype, self.runner.first_layer)
+        cache, manifest = load_cache(path, self.loaded.device, self.loaded.dtype, self.runner)
         return SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
 
     def query(

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from core.coded import BLOCK, CHUNK
 from core.errors import MemoryLimitError
 from core.methods import Budget, Method
 from core.quant import BITS, PARAM_DTYPE, group_size, hidden_bits
@@ -158,6 +159,10 @@ def attention_bytes(s: Sizes, tokens: int, b: int, device: str, window: int) -> 
     return scores
 
 
+CHUNK_BYTES = 64  # per code of the chunk a coded save rounds and counts at a time (int64 codes, offsets, symbols)
+BLOCK_BYTES = 4  # per code of the block it codes: int16 symbols and about as many bytes of rANS words
+
+
 def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) -> int:
     """The cache as `cache build` stores it in `dtype` (a torch float dtype or a --cache-dtype name):
     keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions (none
@@ -165,7 +170,10 @@ def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) ->
     and int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
     point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
     a short last group counted whole. About 6% beyond the codes for int8 in groups of 64. A paused prefill's
-    layer 0 is stored as its int32 token ids."""
+    layer 0 is stored as its int32 token ids. Coded storage (core/coded.py) is counted as int6, the bytes it
+    rounds to and, at 5.3 bits a value against 6.5, more than it stores."""
+    if dtype == "coded":
+        dtype = "int6"
     positions = 0 if paused else 4 * s.kv_heads * slots
     if paused:
         tokens = paused // s.hidden
@@ -202,6 +210,9 @@ def estimate_prefill(
     growth = s.layers * max(new_tokens, DECODE_ROOM, slots // s.layers // 8) if new_tokens else 0
     paused = s.hidden * method.held_tokens(tokens)  # the hidden states a paused prefill keeps
     stored = 0 if saved_dtype is None else 2 * stored_bytes(s, slots, paused, saved_dtype)  # a copy and its bytes
+    if saved_dtype == "coded":  # the keys and values as float32 [tokens, channels] (the keys turned back from RoPE)
+        coded = 2 * slots * s.kv_width
+        stored += FP32 * coded + BLOCK_BYTES * min(coded + paused, BLOCK) + CHUNK_BYTES * CHUNK
     return MemoryEstimate(
         tokens=tokens,
         weights=s.parameters() * b,

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from core import coded, rans
 from core.atomic import write_bytes_atomic
 from core.errors import CacheFileError, FastKVError, InputError
 from core.kvcache import EMPTY, KVCache, LayerKV, Paused, page_coverage
@@ -34,18 +35,22 @@ from core.quant import (
     stored_numel,
 )
 
-FORMAT_VERSION = 11
+FORMAT_VERSION = 12
 # version 1 had no query-aware caches and no `paused_layer`; version 2's held no `paused.queries`;
 # version 3's were never quantized; version 4's had no empty slots (head-adaptive budgets);
 # versions 4 and 5 grouped quantized hidden states along channels, with no `hidden_groups` to say so;
 # versions 4 to 6 stored them at the dtype's bits, with no `hidden_bits`; versions up to 7 stored the
 # positions of a paused prefill's layers, which are every context token in order; versions 4 to 8 stored
 # every layer's keys and values at the dtype's bits, with no `layer_bits`; version 9 had no int6; versions up
-# to 10 stored a paused prefill's layer 0 keys and values, which version 11 rebuilds from the token ids
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+# to 10 stored a paused prefill's layer 0 keys and values, which version 11 rebuilds from the token ids; version 11
+# had no coded storage
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 MANIFEST_KEY = "fastkv.manifest"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STORAGE_DTYPES = (*CACHE_DTYPES, *BITS)  # what --cache-dtype accepts
+CODED = "coded"  # int6's rounding error at one step a tensor, entropy-coded (core/coded.py): query-aware caches only
+STORAGE_DTYPES = (*CACHE_DTYPES, *BITS, CODED)  # what --cache-dtype accepts
+CODED_PARTS = ("coded.words", "coded.lengths", "coded.tables", "coded.classes", "coded.centers", "coded.escapes")
+CODED_FLOATS = torch.float16  # a coded file's tensors that are not coded: the held queries, the empty deeper layers
 GROUPINGS = ("tokens", "channels")  # the dimension a group of key or hidden-state elements runs along
 DEQUANTIZED = torch.float32  # a quantized file's tensors as load_cache first rebuilds them
 
@@ -109,9 +114,10 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) -> dict[str, torch.Tensor]:
+def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None, model=None) -> dict[str, torch.Tensor]:
     """The tensors to store: float ones cast to `dtype`, or, with `quantization`, each as its codes
-    under its own name plus `{name}.scale` and `{name}.zero`."""
+    under its own name plus `{name}.scale` and `{name}.zero`; coded ones as `coded_tensors` writes them
+    (`model`: the Runner, whose RoPE they are stored without)."""
     floats = {}
     for i, layer in enumerate(cache.layers):
         if i == 0 and cache.paused is not None:
@@ -123,9 +129,13 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
         if cache.paused.queries is not None:
             floats["paused.queries"] = cache.paused.queries
     tensors = {}
+    if dtype == CODED:
+        tensors = coded_tensors(
+            {name: floats.pop(name) for name in coded_names(cache.paused.layer)}, quantization, model
+        )
     for name, tensor in floats.items():
-        if quantization is None:
-            tensors[name] = tensor.to(CACHE_DTYPES[dtype]).contiguous().cpu()
+        if quantization is None or dtype == CODED:
+            tensors[name] = tensor.to(CACHE_DTYPES.get(dtype, CODED_FLOATS)).contiguous().cpu()
             continue
         q = quantize(tensor, tensor_bits(name, quantization), quantization["group_size"], group_dim(name, quantization))
         for suffix, part in (("", q.codes), (".scale", q.scale), (".zero", q.zero)):
@@ -136,6 +146,49 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None) 
             tensors[f"layers.{i}.positions"] = layer.positions.to(torch.int32).contiguous().cpu()
     if cache.paused is not None:
         tensors["paused.ids"] = cache.paused.ids[: cache.seq_len].to(torch.int32).contiguous().cpu()
+    return tensors
+
+
+def coded_names(paused_layer: int) -> list[str]:
+    """The tensors a coded file codes, in the order of their rows: the keys and values of a paused prefill's
+    layers from 1 (layer 0 is rebuilt from the token ids), then the paused hidden states; every context token's."""
+    names = [f"layers.{i}.{part}" for i in range(1, paused_layer + 1) for part in ("keys", "values")]
+    return [*names, "paused.hidden"]
+
+
+def as_columns(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A coded tensor as [tokens, channels]: keys and values [kv_heads, n, d] with kv_heads * d channels."""
+    return x if name == "paused.hidden" else x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def from_columns(name: str, columns: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return columns if name == "paused.hidden" else columns.view(shape[1], shape[0], shape[2]).transpose(0, 1)
+
+
+def coded_tensors(floats: dict[str, torch.Tensor], quantization: dict, model) -> dict[str, torch.Tensor]:
+    """The coded storage of a paused prefill's tensors of every token: one step each (`{name}.step`, int6's
+    rounding error on the tensor as cached), the keys rounded before RoPE, their channels side by side."""
+    parts, tensors = [], {}  # (first channel, [tokens, channels], step) of each tensor
+    for name, x in floats.items():
+        x = x.float().cpu()
+        step = coded.step_for(
+            x, tensor_bits(name, quantization), quantization["group_size"], group_dim(name, quantization)
+        )
+        if name.endswith(".keys"):
+            x = model.rotate_keys(x, inverse=True)
+        tensors[f"{name}.step"] = torch.tensor([step], dtype=torch.float32)
+        parts.append((parts[-1][0] + parts[-1][1].shape[1] if parts else 0, as_columns(name, x), step))
+
+    def codes(start: int, stop: int) -> torch.Tensor:
+        return torch.cat([
+            coded.rounded(columns[:, max(start - first, 0) : stop - first], step)
+            for first, columns, step in parts
+            if first < stop and start < first + columns.shape[1]
+        ], 1)  # fmt: skip
+
+    first, columns, _ = parts[-1]
+    stored = coded.encode(codes, first + columns.shape[1], len(columns))
+    tensors.update({part: getattr(stored, part.removeprefix("coded.")).contiguous() for part in CODED_PARTS})
     return tensors
 
 
@@ -183,6 +236,14 @@ def tensor_bits(name: str, quantization: dict) -> int:
 def quantization_for(dtype: str, model: dict, paused_layer: int | None) -> dict | None:
     """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage), paused
     after `paused_layer` (None: not paused)."""
+    if dtype == CODED:
+        coding = {"coding": "rans", "keys": "before_rope", "lane_tokens": coded.LANE_TOKENS, "span": coded.SPAN}
+        return {
+            **quantization_for("int6", model, paused_layer),
+            **coding,
+            "precision": rans.PRECISION,
+            "block": coded.BLOCK,
+        }
     if dtype not in BITS:
         return None
     group = group_size(model["head_dim"], model["hidden_size"])
@@ -219,17 +280,29 @@ def check_writable(directory: Path) -> None:
     os.unlink(probe)
 
 
-def check_cache_dtype(dtype: str) -> None:
+def storage_for(dtype: str | None, query_aware: bool) -> str:
+    """--cache-dtype as given, or `cache build`'s default (#13): coded for a query-aware cache, the one that keeps
+    `ask`'s answers in a fifth of the float16 fullkv file; int6 for one chosen without the question, which coded
+    storage does not hold (its layers keep a subset of the tokens)."""
+    return dtype or (CODED if query_aware else "int6")
+
+
+def check_cache_dtype(dtype: str, query_aware: bool = True) -> None:
     if dtype not in STORAGE_DTYPES:
         raise InputError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got '{dtype}'")
+    if dtype == CODED and not query_aware:
+        raise InputError("--cache-dtype coded stores query-aware caches; pick int6 or another for a question-blind one")
 
 
-def save_cache(path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False) -> int:
-    """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes."""
-    check_cache_dtype(dtype)
+def save_cache(
+    path: Path, cache: KVCache, manifest: dict, dtype: str = "float16", force: bool = False, model=None
+) -> int:
+    """Write `cache` and `manifest` to `path` atomically; returns the file size in bytes. `model` (the Runner)
+    is needed for coded storage."""
+    check_cache_dtype(dtype, cache.paused is not None)
     check_target(path, force)
     quantization = quantization_for(dtype, manifest["model"], manifest["paused_layer"])
-    tensors = cache_tensors(cache, dtype, quantization)
+    tensors = cache_tensors(cache, dtype, quantization, model)
     manifest = {
         **manifest,
         "format_version": FORMAT_VERSION,
@@ -255,11 +328,11 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_cache(
-    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, first_layer=None
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, model=None
 ) -> tuple[KVCache, dict]:
-    """Load and verify a .fkv file -> (cache on `device` in `dtype`, manifest). `first_layer` (the model's
-    Runner.first_layer) rebuilds layer 0 of a query-aware cache from its token ids; without it (`cache info`)
-    that layer holds only its positions."""
+    """Load and verify a .fkv file -> (cache on `device` in `dtype`, manifest). `model` (the Runner) rebuilds
+    layer 0 of a query-aware cache from its token ids and puts RoPE back on a coded file's keys; without it
+    (`cache info`) that layer holds only its positions and coded keys stay as stored."""
     with open_cache(path) as f:
         manifest = parse_manifest(path, f.metadata())
         try:
@@ -268,20 +341,22 @@ def load_cache(
             raise CacheFileError(f"{path}: damaged tensor data ({error})") from None
     if tensors_sha256(tensors) != manifest["tensors_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (the file was damaged or modified)")
-    return cache_from_tensors(path, tensors, manifest, device, dtype, first_layer), manifest
+    return cache_from_tensors(path, tensors, manifest, device, dtype, model), manifest
 
 
 def cache_from_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], manifest: dict, device, dtype, first_layer=None
+    path: Path, tensors: dict[str, torch.Tensor], manifest: dict, device, dtype, model=None
 ) -> KVCache:
     """The cache that a file's tensors and manifest hold, checked as load_cache checks it."""
-    if manifest["quantization"] is not None:
+    if manifest["dtype"] == CODED:
+        tensors = decoded(path, tensors, manifest, model)
+    elif manifest["quantization"] is not None:
         tensors = dequantized(path, tensors, manifest)
     layers = [layer.to(device, dtype) for layer in layers_from_tensors(path, tensors, manifest)]
     ids = paused_ids(path, tensors, manifest)
     if ids is not None:  # layer 0 of a version 11 query-aware file
         ids = ids.to(device)
-        layers.insert(0, unbuilt_first_layer(ids) if first_layer is None else first_layer(ids))
+        layers.insert(0, unbuilt_first_layer(ids) if model is None else model.first_layer(ids))
     paused = paused_from_tensors(path, tensors, layers, manifest, ids)
     return KVCache(layers, manifest["context_tokens"], None if paused is None else paused.to(device, dtype))
 
@@ -423,6 +498,9 @@ def check_quantization(manifest: dict) -> None:
     """A quantized dtype comes with its scheme: bits of the dtype, a group size dividing every channel
     dimension, float16 scales; a float dtype with none."""
     quantization, dtype, model = manifest["quantization"], manifest["dtype"], manifest["model"]
+    if dtype == CODED:
+        check_coding(manifest)
+        dtype = "int6"  # the steps a coded file rounds to are int6's (quantization_for)
     if dtype not in BITS:
         if quantization is not None:
             raise CacheFileError(f"manifest.quantization should be null for {dtype} tensors")
@@ -456,6 +534,20 @@ def check_quantization(manifest: dict) -> None:
     for key in ("head_dim", "hidden_size"):
         if group < 1 or model[key] % group:
             raise CacheFileError(f"manifest.quantization.group_size {group} does not divide model.{key} {model[key]}")
+
+
+def check_coding(manifest: dict) -> None:
+    """A coded file is a version 12 query-aware one, coded as this version of fastkv decodes."""
+    if manifest["format_version"] < 12 or manifest["paused_layer"] is None:
+        raise CacheFileError("manifest.dtype is coded, which only version 12 query-aware files are")
+    quantization = manifest["quantization"] or {}
+    expected = quantization_for(CODED, manifest["model"], manifest["paused_layer"])
+    for key in ("coding", "keys", "lane_tokens", "span", "precision", "block"):
+        if quantization.get(key) != expected[key]:
+            raise CacheFileError(
+                f"manifest.quantization.{key} is {json.dumps(quantization.get(key))[:40]}, not {json.dumps(expected[key])}: "
+                "coded in a way this version of fastkv does not decode"
+            )
 
 
 def expected_names(manifest: dict) -> set[str]:
@@ -527,6 +619,34 @@ def dequantized(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
         if not bool((scale > 0).all()):
             raise CacheFileError(f"{path}: {name}.scale holds scales that are not positive")
         result[name] = dequantize(Quantized(codes, scale, zero), shape, bits, group, dim, DEQUANTIZED)
+    return result
+
+
+def decoded(path: Path, tensors: dict[str, torch.Tensor], manifest: dict, model) -> dict[str, torch.Tensor]:
+    """A coded file's tensors -> float32 ones under the float names, after checking every part (core/coded.py)
+    and step; RoPE put back on the keys when `model` is given."""
+    names = coded_names(manifest["paused_layer"])
+    floats = expected_names(manifest)
+    if set(tensors) != (floats - set(names)) | {f"{name}.step" for name in names} | set(CODED_PARTS):
+        raise names_mismatch(path, manifest)
+    result = {}
+    for name in floats - set(names):
+        tensor = tensors[name]
+        if quantizable(name) and tensor.dtype != CODED_FLOATS:
+            raise CacheFileError(f"{path}: {name} should be float16 in a coded file, not {tensor.dtype}")
+        result[name] = tensor.to(DEQUANTIZED) if quantizable(name) else tensor
+    context = manifest["context_tokens"]
+    paused_ids(path, tensors, manifest)  # a stored tensor of `context` ids: what bounds the codes decoded
+    shapes = float_shapes(path, tensors, manifest)
+    channels = [math.prod(shapes[name]) // context for name in names]
+    try:
+        steps = [coded.check_step(tensors[f"{name}.step"], name) for name in names]
+        codes = coded.decode(coded.Coded(*(tensors[part] for part in CODED_PARTS)), sum(channels), context)
+    except ValueError as error:
+        raise CacheFileError(f"{path}: {error}") from None
+    for name, part, step in zip(names, codes.split(channels, 1), steps, strict=True):
+        x = from_columns(name, part * step, shapes[name])  # int32 codes times a float: float32
+        result[name] = (model.rotate_keys(x) if model is not None and name.endswith(".keys") else x).contiguous()
     return result
 
 

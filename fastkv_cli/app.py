@@ -297,7 +297,7 @@ def cache_build(
             show_default=False,
         ),
     ] = None,
-    cache_dtype: options.CacheDtype = options.DEFAULT_CACHE_DTYPE,
+    cache_dtype: options.CacheDtype = None,
     model: options.Model = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -321,17 +321,18 @@ def cache_build(
     """
     from core.engine import build_summary, resolve_query_aware
     from core.methods import Budget, make_method
-    from core.store import check_cache_dtype, check_target, save_cache
+    from core.store import check_cache_dtype, check_target, save_cache, storage_for
 
     if not (each or ray):
         check_target(output, force)
-    check_cache_dtype(cache_dtype)
     selection = make_method(
         method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window
     )
     final_budget = None if query_budget is None else Budget.parse(query_budget, "--query-budget")
     steering = read_questions(questions) if questions else []
     query_aware = resolve_query_aware(selection, final_budget, steering, query_aware)
+    cache_dtype = storage_for(cache_dtype, query_aware)
+    check_cache_dtype(cache_dtype, query_aware)
     if selection.restarts:
         raise InputError(f"--method {method} re-prefills with new positions; a saved cache needs original positions")
     if each or ray:
@@ -356,7 +357,7 @@ def cache_build(
         )  # fmt: skip
         progress("saving", 0, 1)
         start = time.perf_counter()
-        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, force)
+        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, force, engine.runner)
         progress("saving", 1, 1)
     saved.stats.read_s = read_s
     summary = build_summary(saved, str(output), size, time.perf_counter() - start, cache_dtype)

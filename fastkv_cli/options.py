@@ -54,16 +54,14 @@ Window = Annotated[
 FilterLayer = Annotated[
     int | None, typer.Option(help="gemfilter: the layer whose last query picks tokens [default: middle].")
 ]
-# what `cache build` stores (the CLI and the server alike; #13): int6, the paused hidden states at 6 bits and the
-# keys and values at 5 to 7 bits by layer, 21-24.5% of a float16 fullkv file. On the 100 held-out questions it gives
-# `ask`'s answer on 96 and scores within one of it; int4 (18.8%) gives 83 and loses 3 of `ask`'s 39 right answers
-DEFAULT_CACHE_DTYPE = "int6"
 CacheDtype = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="float16, bfloat16 or float32 for the stored tensors, or int8 / int6 / int4: group-wise quantized "
-        "(about 54% / 41% / 30% of float16's size), de-quantized on load. `ask`'s answer on 98 / 96 / 83 of 100 "
-        "held-out questions."
+        help="coded: int6's rounding error, one step a tensor, entropy-coded (query-aware caches; about 19% of a "
+        "float16 fullkv cache); float16, bfloat16 or float32; or int8 / int6 / int4: group-wise quantized (about "
+        "54% / 41% / 30% of float16's size). `ask`'s answer on 93 / 98 / 96 / 83 of 100 held-out questions for "
+        "coded / int8 / int6 / int4. [default: coded, int6 for a question-blind cache]",
+        show_default=False,
     ),
 ]
 IgnoreMemory = Annotated[

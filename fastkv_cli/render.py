@@ -175,6 +175,8 @@ def storage(dtype: str, quantization: dict | None, paused: bool) -> str:
     """A cache's storage as built or read, e.g. "int4 in groups of 64, hidden states at 8 bits"."""
     if quantization is None:
         return dtype
+    if dtype == "coded":
+        return "coded: int6's rounding error, one step a tensor, entropy-coded"
     text = f"{dtype} in groups of {quantization['group_size']}"
     if paused and quantization["hidden_bits"] != quantization["bits"]:
         text += f", hidden states at {quantization['hidden_bits']} bits"

@@ -24,8 +24,7 @@ from core.engine import Engine, build_summary, resolve_query_aware
 from core.errors import FastKVError, InputError
 from core.generation import Decoding, Sampling
 from core.methods import DEFAULT_METHOD, Budget, make_method
-from core.store import check_cache_dtype, check_target, describe_cache, save_cache
-from fastkv_cli.options import DEFAULT_CACHE_DTYPE
+from core.store import check_cache_dtype, check_target, describe_cache, save_cache, storage_for
 from fastkv_cli.service import (
     END,
     CacheLRU,
@@ -103,7 +102,7 @@ class BuildIn(ModelChoice, MethodIn):
     query_budget: str | None = None
     questions: list[str] = []
     query_aware: bool | None = None  # None: query-aware where the method can pause (the CLI's default)
-    cache_dtype: str = DEFAULT_CACHE_DTYPE
+    cache_dtype: str | None = None  # None: the CLI's default (store.storage_for)
     truncate: str | None = None
     ignore_memory: bool = False
 
@@ -172,23 +171,24 @@ class Service:
 
     def build(self, request: BuildIn, output: Path, readers: list[Callable], job: Job) -> None:
         check_target(output, request.force)
-        check_cache_dtype(request.cache_dtype)
         selection = make_method(
             request.method, budget=request.budget, tsp_layer=request.tsp_layer, tsp_rate=request.tsp_rate,
             pooling=request.pooling, window=request.window,
         )  # fmt: skip
         final_budget = None if request.query_budget is None else Budget.parse(request.query_budget, "--query-budget")
         query_aware = resolve_query_aware(selection, final_budget, request.questions, request.query_aware)
+        cache_dtype = storage_for(request.cache_dtype, query_aware)
+        check_cache_dtype(cache_dtype, query_aware)
         docs, read_s = read_all(readers, job)
         saved = self.engine.build(
             docs, selection, final_budget, request.questions, request.truncate, progress=job.progress,
-            cache_dtype=request.cache_dtype, ignore_memory=request.ignore_memory, query_aware=query_aware,
+            cache_dtype=cache_dtype, ignore_memory=request.ignore_memory, query_aware=query_aware,
         )  # fmt: skip
         job.progress("saving", 0, 1)
         start = time.perf_counter()
-        size = save_cache(output, saved.cache, saved.manifest, request.cache_dtype, request.force)  # atomic
+        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, request.force, self.engine.runner)  # atomic
         saved.stats.read_s = read_s
-        summary = build_summary(saved, str(output), size, time.perf_counter() - start, request.cache_dtype)
+        summary = build_summary(saved, str(output), size, time.perf_counter() - start, cache_dtype)
         job.emit({"event": "progress", "step": "saving", "done": 1, "total": 1})
         job.emit({"event": "result", "result": summary})
 

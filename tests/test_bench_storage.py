@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench 
 import storage  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int4", "int8"])
+@pytest.mark.parametrize("dtype", ["float16", "int4", "int8", "coded"])
 def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, tmp_path, dtype):  # noqa: F811
     saved = build(engine, document, budget="20%", query_aware=True)
     path = tmp_path / "c.fkv"
-    save_cache(path, saved.cache, saved.manifest, dtype)
-    from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner.first_layer)
+    save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
+    from_file, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner)
 
     in_memory, nbytes = storage.stored(engine, saved, storage.Storage(dtype, HIDDEN_BITS if dtype == "int4" else None))
 

@@ -94,7 +94,7 @@ def test_build_writes_a_loadable_cache(built, model):
     assert summary["kept_tokens_per_layer"] == cache.kept_tokens_per_layer
     assert manifest["model"]["spec"] == str(model)
     assert manifest["method"]["name"] == "fastkv" and manifest["method"]["parameters"]["budget"] == "50%"
-    assert manifest["dtype"] == "int6" and manifest["quantization"]["bits"] == 6  # the default storage
+    assert manifest["dtype"] == "int6" and manifest["quantization"]["bits"] == 6  # a question-blind cache's default
     assert [(d["name"], d["pages"]) for d in manifest["documents"]] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
     assert manifest["documents"][1]["sha256"] == hashlib.sha256(NOTES.encode()).hexdigest()
     assert cache.seq_len == manifest["context_tokens"] == summary["context_tokens"]
@@ -314,7 +314,8 @@ def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     for output in (shown[query_aware], built_query_aware.stderr):  # cache info, cache build's summary
         assert "every token in layers 0-1; layers 2-3: what each question selects" in " ".join(output.split())
     assert all(share == 1 for pages in info["page_coverage"] for share in pages)
-    assert "int6 in groups of 16" in shown[query_aware]  # the default storage
+    assert "coded: int6's rounding error" in " ".join(shown[query_aware].split())  # the default storage
+    assert "int6 in groups of 16" in shown[two_stage]  # ... and a question-blind cache's, which coded cannot hold
     assert "hidden states" not in shown[two_stage]  # it holds none
 
 

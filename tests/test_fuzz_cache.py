@@ -42,7 +42,16 @@ SOURCES = [
     ("qwen2", "snapkv", {"budget": "40%"}, "int8", {}),
     ("llama", "fastkv", {"budget": "20%"}, "int4", {"query_aware": True}),
     ("mistral", "fastkv", {"budget": "20%"}, "int6", {"query_aware": True}),
+    ("qwen2", "fastkv", {"budget": "20%"}, "coded", {"query_aware": True}),
 ]
+CODED_DTYPES = {  # a coded file's parts (core/coded.py)
+    "coded.words": torch.int16,
+    "coded.lengths": torch.int64,
+    "coded.tables": torch.int16,
+    "coded.classes": torch.uint8,
+    "coded.centers": torch.int32,
+    "coded.escapes": torch.int64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +73,7 @@ def sources(tiny_models, tiny_tokenizer, tmp_path_factory) -> list[bytes]:
             query_aware=options.get("query_aware", False),
         )
         path = folder / f"{i}.fkv"
-        save_cache(path, saved.cache, saved.manifest, dtype)
+        save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
         files.append(path.read_bytes())
     return files
 
@@ -295,6 +304,23 @@ def tensor_edit(rng, data):
     )
 
 
+def coded_edit(rng, data):
+    """Re-save a coded file with one coded part or step damaged; the checksum fixed half the time."""
+    header, _ = split(data)
+    manifest = manifest_of(header)
+    tensors = dict(load(data))
+    name = rng.choice([n for n in tensors if n.startswith("coded.") or n.endswith(".step")])
+    t = tensors[name]
+    tensors[name] = rng.choice([
+        t[:-1], torch.cat([t, t[:1]]), t.flip(0), t * 0, -t, t + 1, t.to(torch.int64), t.to(torch.float32),
+        t.reshape(-1) if t.dim() > 1 else t.unsqueeze(0), torch.full_like(t, 1e30 if t.is_floating_point() else 2**15 - 1),
+    ]).contiguous()  # fmt: skip
+    rehash = rng.random() < 0.5
+    if rehash:
+        manifest["tensors_sha256"] = tensors_sha256(tensors)
+    return f"coded {name}{' rehashed' if rehash else ''}", save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
+
+
 MUTATIONS = [
     truncate,
     flip_bytes,
@@ -304,6 +330,7 @@ MUTATIONS = [
     tensor_info,
     header_entries,
     tensor_edit,
+    coded_edit,
 ]
 
 
@@ -337,7 +364,12 @@ def assert_intact(path: Path, data: bytes) -> None:
     assert tensors_sha256(stored) == manifest["tensors_sha256"]
     stored_as = manifest["dtype"] if manifest["quantization"] is None else "float32"  # de-quantized on load
     for name, tensor in stored.items():  # a quantized file's codes, finite positive scales, finite zeros
-        if name.endswith((".scale", ".zero")):
+        if manifest["dtype"] == "coded":  # a coded file's parts and steps, and float16 for the rest
+            if name.endswith(".step"):
+                assert tensor.dtype == torch.float32 and tensor.shape == (1,) and 0 < float(tensor) < float("inf")
+            elif not name.endswith(".positions") and name != "paused.ids":
+                assert tensor.dtype == CODED_DTYPES.get(name, torch.float16)
+        elif name.endswith((".scale", ".zero")):
             assert tensor.dtype == torch.float16 and bool(tensor.isfinite().all())
             assert name.endswith(".zero") or bool((tensor > 0).all())
         elif manifest["quantization"] is not None and not name.endswith(".positions") and name != "paused.ids":

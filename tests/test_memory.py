@@ -16,11 +16,12 @@ import pytest
 import torch
 
 import core.memory
+from core.coded import CHUNK
 from core.engine import Engine
 from core.errors import MemoryLimitError
 from core.generation import Decoding
 from core.kvcache import full_kv_bytes
-from core.memory import MemoryGuard, Sizes, estimate_prefill, mapped_bytes
+from core.memory import BLOCK_BYTES, CHUNK_BYTES, FP32, MemoryGuard, Sizes, estimate_prefill, mapped_bytes
 from core.methods import METHODS, PauseAfter, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import encode_question
@@ -140,6 +141,26 @@ def test_the_saving_estimate_bounds_the_stored_tensors_scales_and_zeros_included
     estimate = estimate_prefill(model.config, tokens, method, torch.float32, "cpu", saved_dtype=dtype)
 
     assert stored <= estimate.saving / 2 <= 1.05 * stored  # the stored copy, then its serialized bytes
+
+
+def test_a_coded_save_is_estimated_as_int6_plus_its_working_memory(tiny_models):
+    """Coded storage is counted as int6's bytes, which it stays under, plus what coding holds: the keys and values
+    as float32 channels, a block's symbols and words, a chunk's codes (core/coded.py; measured on the embedded
+    model at 7.5K tokens: a save grew the process's peak by 427 MiB, estimated 673)."""
+    model, tokens = tiny_models["qwen2"], 300
+    method = PauseAfter(layer=1)
+    cache = Runner(model).prefill(torch.randint(0, 100, (tokens,)), method).cache
+    sizes = Sizes.of(model.config)
+    fields = {"head_dim": sizes.head_dim, "hidden_size": sizes.hidden}
+    coded_file = cache_tensors(cache, "coded", quantization_for("coded", fields, 1), Runner(model))
+    int6_file = cache_tensors(cache, "int6", quantization_for("int6", fields, 1))
+
+    coded, int6 = (
+        estimate_prefill(model.config, tokens, method, torch.float32, "cpu", saved_dtype=d) for d in ("coded", "int6")
+    )
+    kv, hidden = 2 * tokens * 2 * sizes.kv_width, tokens * sizes.hidden  # layers 0 and 1 hold every token
+    assert sum(t.nbytes for t in coded_file.values()) < sum(t.nbytes for t in int6_file.values())
+    assert coded.saving - int6.saving == FP32 * kv + BLOCK_BYTES * (kv + hidden) + CHUNK_BYTES * CHUNK
 
 
 def test_memory_mapped_weights_are_counted_as_still_to_come(tiny_model_folder):

@@ -119,7 +119,7 @@ def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F81
 def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, query_aware):  # noqa: F811
     """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file;
     layer 0 rebuilt from the token ids, exact."""
-    cache, manifest = load_cache(quantized_file, "cpu", torch.float32, engine.runner.first_layer)
+    cache, manifest = load_cache(quantized_file, "cpu", torch.float32, engine.runner)
     assert torch.equal(cache.layers[0].keys, query_aware.cache.layers[0].keys)
     quantization = manifest["quantization"]
     bits, paused = quantization["bits"], manifest["paused_layer"] + 1
@@ -183,7 +183,7 @@ def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(
     monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [bits] * layers)
     path = tmp_path / "v9.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, "int4")
-    expected = load_cache(path, "cpu", torch.float32, engine.runner.first_layer)[0]
+    expected = load_cache(path, "cpu", torch.float32, engine.runner)[0]
 
     def as_version_8(manifest):
         manifest["format_version"] = 8

@@ -132,7 +132,7 @@ def test_query_aware_round_trip_keeps_the_paused_prefill_bit_exact(engine, query
     path = tmp_path / "c.fkv"
 
     save_cache(path, query_aware.cache, query_aware.manifest, "float32")
-    cache, manifest = load_cache(path, "cpu", None, engine.runner.first_layer)
+    cache, manifest = load_cache(path, "cpu", None, engine.runner)
 
     assert manifest["paused_layer"] == query_aware.cache.paused.layer == NUM_LAYERS // 2 - 1
     assert_same_cache(cache, query_aware.cache)
@@ -634,7 +634,7 @@ def with_first_layer(engine: Engine):
 def test_a_version_10_file_loads_the_layer_0_it_stores(engine, query_aware, query_aware_file, tmp_path):
     path = rewrite_tensors(query_aware_file, tmp_path / "v10-tensors.fkv", with_first_layer(engine))
     path = rewrite_manifest(path, tmp_path / "v10.fkv", assign(10, "format_version"))
-    rebuilt = load_cache(query_aware_file, "cpu", torch.float32, engine.runner.first_layer)[0]
+    rebuilt = load_cache(query_aware_file, "cpu", torch.float32, engine.runner)[0]
 
     cache, manifest = load_cache(path, "cpu", torch.float32)  # no model needed: layer 0 is in the file
     assert manifest["format_version"] == 10 and cache.paused.ids is None
