@@ -1,7 +1,7 @@
 """The `coded` storage (DESIGN.md §10): each stored tensor rounded to one step, its codes entropy-coded.
 
-The step of a tensor is the root mean square of the steps int6 storage would use for it (core/quant.py's
-groups and widths), so its rounding error matches int6's; with one step for the whole tensor the codes
+The step of a tensor is the one whose rounding error, step**2 / 12, is the mean squared error int6 storage
+(core/quant.py's groups and widths) makes on it; with one step for the whole tensor the codes
 of a quiet channel are small numbers, and rANS (core/rans.py) stores each in about as many bits as it
 carries instead of a fixed width: 5.3 bits a value where int6 spends 6.5 with its scales.
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from core import rans
-from core.quant import grouped
+from core.quant import dequantize, quantize
 
 SPAN = 255  # offsets from a channel's median coded as symbols; farther ones escape
 ESCAPE = 2 * SPAN + 1
@@ -47,11 +47,12 @@ class Coded:
 
 
 def step_for(x: Tensor, bits: int, group: int, dim: int) -> float:
-    """The root mean square of the steps `bits`-bit group-wise affine storage (core/quant.py) would give `x`."""
-    g = grouped(x.float(), group, dim % x.dim())
-    steps = (g.amax(dim % x.dim() + 1) - g.amin(dim % x.dim() + 1)) / ((1 << bits) - 1)
-    step = float(steps.pow(2).mean().sqrt())
-    return step if step > 0 else 1.0  # a constant tensor: any step, codes 0
+    """The step whose rounding error (step**2 / 12) is the mean squared error of `bits`-bit group-wise affine
+    storage (core/quant.py) on `x`: the same error, spread evenly."""
+    x = x.float()
+    error = (dequantize(quantize(x, bits, group, dim), tuple(x.shape), bits, group, dim, torch.float32) - x).pow(2)
+    step = math.sqrt(12 * float(error.mean()))
+    return step if step > 0 else 1.0  # a tensor int6 stores exactly (a constant one): any step
 
 
 def lanes(tokens: int) -> tuple[int, int]:

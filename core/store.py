@@ -51,6 +51,14 @@ CODED = "coded"  # int6's rounding error at one step a tensor, entropy-coded (co
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS, CODED)  # what --cache-dtype accepts
 CODED_PARTS = ("coded.words", "coded.lengths", "coded.tables", "coded.classes", "coded.centers", "coded.escapes")
 CODED_FLOATS = torch.float16  # a coded file's tensors that are not coded: the held queries, the empty deeper layers
+CODING = {  # how a coded file is coded, beyond int6's scheme its steps come from: what this version decodes
+    "coding": "rans",
+    "keys": "before_rope",
+    "lane_tokens": coded.LANE_TOKENS,
+    "span": coded.SPAN,
+    "precision": rans.PRECISION,
+    "block": coded.BLOCK,
+}
 GROUPINGS = ("tokens", "channels")  # the dimension a group of key or hidden-state elements runs along
 DEQUANTIZED = torch.float32  # a quantized file's tensors as load_cache first rebuilds them
 
@@ -150,7 +158,7 @@ def cache_tensors(cache: KVCache, dtype: str, quantization: dict | None = None, 
 
 
 def coded_names(paused_layer: int) -> list[str]:
-    """The tensors a coded file codes, in the order of their rows: the keys and values of a paused prefill's
+    """The tensors a coded file codes, in the order of their channels: the keys and values of a paused prefill's
     layers from 1 (layer 0 is rebuilt from the token ids), then the paused hidden states; every context token's."""
     names = [f"layers.{i}.{part}" for i in range(1, paused_layer + 1) for part in ("keys", "values")]
     return [*names, "paused.hidden"]
@@ -167,7 +175,7 @@ def from_columns(name: str, columns: torch.Tensor, shape: tuple[int, ...]) -> to
 
 def coded_tensors(floats: dict[str, torch.Tensor], quantization: dict, model) -> dict[str, torch.Tensor]:
     """The coded storage of a paused prefill's tensors of every token: one step each (`{name}.step`, int6's
-    rounding error on the tensor as cached), the keys rounded before RoPE, their channels side by side."""
+    squared error on the tensor as cached), the keys rounded before RoPE, their channels side by side."""
     parts, tensors = [], {}  # (first channel, [tokens, channels], step) of each tensor
     for name, x in floats.items():
         x = x.float().cpu()
@@ -237,13 +245,7 @@ def quantization_for(dtype: str, model: dict, paused_layer: int | None) -> dict 
     """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage), paused
     after `paused_layer` (None: not paused)."""
     if dtype == CODED:
-        coding = {"coding": "rans", "keys": "before_rope", "lane_tokens": coded.LANE_TOKENS, "span": coded.SPAN}
-        return {
-            **quantization_for("int6", model, paused_layer),
-            **coding,
-            "precision": rans.PRECISION,
-            "block": coded.BLOCK,
-        }
+        return {**quantization_for("int6", model, paused_layer), **CODING}
     if dtype not in BITS:
         return None
     group = group_size(model["head_dim"], model["hidden_size"])
@@ -541,12 +543,12 @@ def check_coding(manifest: dict) -> None:
     if manifest["format_version"] < 12 or manifest["paused_layer"] is None:
         raise CacheFileError("manifest.dtype is coded, which only version 12 query-aware files are")
     quantization = manifest["quantization"] or {}
-    expected = quantization_for(CODED, manifest["model"], manifest["paused_layer"])
-    for key in ("coding", "keys", "lane_tokens", "span", "precision", "block"):
-        if quantization.get(key) != expected[key]:
+    for key, expected in CODING.items():
+        if quantization.get(key) != expected:
+            found = json.dumps(quantization.get(key))[:40]
             raise CacheFileError(
-                f"manifest.quantization.{key} is {json.dumps(quantization.get(key))[:40]}, not {json.dumps(expected[key])}: "
-                "coded in a way this version of fastkv does not decode"
+                f"manifest.quantization.{key} is {found}, not {json.dumps(expected)}: coded in a way this version "
+                "of fastkv does not decode"
             )
 
 

@@ -131,6 +131,13 @@ def test_build_with_gemfilter_exits_2(tmp_path, documents, model):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_coded_storage_of_a_question_blind_cache_exits_2_before_the_prefill(tmp_path, documents, model):
+    """Coded storage holds the every-token layers of a query-aware cache; a question-blind one keeps a subset."""
+    result = build(documents, tmp_path / "c.fkv", model, "--question-blind", "--cache-dtype", "coded")
+    assert_one_line_error(result, "--cache-dtype coded stores query-aware caches")  # no progress lines: no prefill
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_with_steering_questions(tmp_path, documents, model):
     questions = tmp_path / "questions.txt"
     questions.write_text("When did the lamp burn paraffin?\n\n  How many ships were logged?  \n")

@@ -313,7 +313,8 @@ def coded_edit(rng, data):
     t = tensors[name]
     tensors[name] = rng.choice([
         t[:-1], torch.cat([t, t[:1]]), t.flip(0), t * 0, -t, t + 1, t.to(torch.int64), t.to(torch.float32),
-        t.reshape(-1) if t.dim() > 1 else t.unsqueeze(0), torch.full_like(t, 1e30 if t.is_floating_point() else 2**15 - 1),
+        t.reshape(-1) if t.dim() > 1 else t.unsqueeze(0),
+        torch.full_like(t, 1e30 if t.is_floating_point() else 2**15 - 1),
     ]).contiguous()  # fmt: skip
     rehash = rng.random() < 0.5
     if rehash:
