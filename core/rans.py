@@ -75,20 +75,19 @@ def decode(words: Tensor, tables: Tensor, freqs: Tensor, steps: int) -> Tensor:
     symbol = symbol.to(torch.int32).view(-1)
     base = (tables * TOTAL).to(torch.int32)
     out = torch.empty(steps, lanes, dtype=torch.int32)
-    index, found, word, shifted = (torch.empty(lanes, dtype=torch.int32) for _ in range(4))
-    low, taken = torch.empty(lanes, dtype=torch.bool), torch.empty(lanes, dtype=torch.int32)
+    index, found, word, shifted, low, taken = (torch.empty(lanes, dtype=torch.int32) for _ in range(6))
     for step in range(steps):  # in place and into buffers: a step is a few passes over the lanes, no allocation
         torch.bitwise_and(state, TOTAL - 1, out=index).add_(base)
         torch.index_select(symbol, 0, index, out=out[step])
         torch.index_select(update, 0, index, out=found)
         state.bitwise_right_shift_(PRECISION).mul_(torch.bitwise_right_shift(found, 16, out=shifted))
         state.add_(found.bitwise_and_(0xFFFF))
-        torch.lt(state, LOW, out=low)
-        torch.cumsum(low, 0, dtype=torch.int32, out=taken)  # the lanes that read take the next words in order
+        torch.sub(state, LOW, out=low).bitwise_right_shift_(31)  # -1 where a state ran low, else 0
+        torch.cumsum(low, 0, out=taken).neg_()  # the lanes that read take the next words in order
         wanted = int(taken[-1]) if lanes else 0
         torch.index_select(stream, 0, taken.add_(read - 1), out=word)
         word.bitwise_or_(torch.bitwise_left_shift(state, WORD, out=shifted))
-        torch.where(low, word, state, out=state)
+        state.bitwise_xor_(word.bitwise_xor_(state).bitwise_and_(low))  # the read-in state where low, else as was
         read += wanted
         if read > end:
             raise CorruptStream(f"the lanes ask for more than the {end} words")
