@@ -19,6 +19,7 @@ from tests.test_store import (  # noqa: F401  (fixtures)
     rewrite_manifest,
     rewrite_tensors,
     saved,
+    update,
 )
 
 # --- the coder ------------------------------------------------------------------------------------------
@@ -179,13 +180,6 @@ def test_a_question_blind_cache_cannot_be_coded(engine, saved, tmp_path):  # noq
     with pytest.raises(InputError, match="query-aware"):
         save_cache(tmp_path / "blind.fkv", saved.cache, saved.manifest, "coded", model=engine.runner)
     assert not (tmp_path / "blind.fkv").exists()
-
-
-def update(name, change):
-    def edit(tensors):
-        tensors[name] = change(tensors[name])
-
-    return edit
 
 
 CODED_CASES = {  # edit of the tensors -> what the refusal names
