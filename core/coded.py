@@ -46,6 +46,30 @@ class Coded:
     escapes: Tensor
 
 
+@dataclass(frozen=True)
+class Codes:
+    """Codes [tokens, channels] as decoded, kept as symbols so that a load writes each tensor's floats straight
+    from them: `symbols` (int16 [tokens, channels], a code's offset from its channel's median + SPAN, or ESCAPE),
+    `centers` (the medians, int32 [channels]) and the escaped codes (`escaped`: flat indices, in order; `values`)."""
+
+    symbols: Tensor
+    centers: Tensor
+    escaped: Tensor
+    values: Tensor
+
+    def scaled(self, start: int, stop: int, step: float, out: Tensor) -> Tensor:
+        """Channels [start, stop) times `step` into `out` (floating, [tokens, ...] of any strides, its trailing
+        dims those channels in order) -> out."""
+        shape = tuple(out.shape)
+        out.copy_(self.symbols[:, start:stop].view(shape))
+        out.add_((self.centers[start:stop] - SPAN).view(shape[1:])).mul_(step)  # exact sums: each code, times step
+        token, channel = self.escaped // len(self.centers), self.escaped % len(self.centers)
+        inside = (channel >= start) & (channel < stop)
+        at = (token[inside], *torch.unravel_index(channel[inside] - start, shape[1:]))
+        out[at] = self.values[inside].to(out.dtype) * step
+        return out
+
+
 def step_for(x: Tensor, bits: int, group: int, dim: int) -> float:
     """The step whose rounding error (step**2 / 12) is the mean squared error of `bits`-bit group-wise affine
     storage (core/quant.py) on `x`: the same error, spread evenly."""
@@ -117,8 +141,8 @@ def symbols_of(offsets: Tensor) -> Tensor:
     return torch.where(offsets.abs() > SPAN, ESCAPE, offsets + SPAN)
 
 
-def decode(coded: Coded, channels: int, tokens: int) -> Tensor:
-    """The codes [tokens, channels] (int32) that `coded` stores. Raises ValueError naming the part that does not fit,
+def decode(coded: Coded, channels: int, tokens: int) -> Codes:
+    """The codes [tokens, channels] that `coded` stores. Raises ValueError naming the part that does not fit,
     each part checked before anything is sized by it (`tokens` the caller has checked against stored data)."""
     words, lengths, tables, classes, centers, escapes = (
         coded.words, coded.lengths, coded.tables, coded.classes, coded.centers, coded.escapes
@@ -148,18 +172,15 @@ def decode(coded: Coded, channels: int, tokens: int) -> Tensor:
             raise ValueError(f"coded.words do not decode ({error})") from None
         decoded.append(block.view(count * steps, stop - start)[:tokens])
     symbols = decoded[0] if len(decoded) == 1 else torch.cat(decoded, 1)
-    escaping = (frequencies[classes.long(), ESCAPE] > 0).nonzero().squeeze(1)  # only their tables can escape
-    token, channel = (symbols[:, escaping] == ESCAPE).nonzero().unbind(1)
-    escaped = token * channels + escaping[channel]  # in index order: token-major, then channel
+    rows = (symbols.amax(1) == ESCAPE).nonzero().squeeze(1)  # ESCAPE is the largest symbol
+    token, channel = (symbols[rows] == ESCAPE).nonzero().unbind(1)
+    escaped = rows[token] * channels + channel  # in index order: token-major, then channel
     if escapes.dtype != torch.int64 or tuple(escapes.shape) != (len(escaped), 2):
         raise ValueError(f"coded.escapes should hold the {len(escaped):,} escaped offsets as int64 pairs")
     if not torch.equal(escapes[:, 0], escaped) or (escapes[:, 1].abs() <= SPAN).any():
         raise ValueError("coded.escapes does not match the escaped symbols")
-    codes = symbols.add_(centers - SPAN)
-    codes.view(-1)[escaped] = (
-        (escapes[:, 1] + centers.long()[escapes[:, 0] % channels]).clamp(-(2**31), 2**31 - 1).int()
-    )
-    return codes
+    values = (escapes[:, 1] + centers.long()[escaped % channels]).clamp(-(2**31), 2**31 - 1)
+    return Codes(symbols, centers, escaped, values)
 
 
 def rounded(x: Tensor, step: float) -> Tensor:

@@ -57,14 +57,14 @@ def encode(symbols: Tensor, tables: Tensor, freqs: Tensor) -> Tensor:
 
 
 def decode(words: Tensor, tables: Tensor, freqs: Tensor, steps: int) -> Tensor:
-    """Inverse of `encode` -> symbols [steps, lanes] (int32). Raises CorruptStream where the words were not
-    written by `encode` with these tables (damage the rANS states themselves reveal)."""
+    """Inverse of `encode` -> symbols [steps, lanes] (int16: alphabets of at most 2**15). Raises CorruptStream
+    where the words were not written by `encode` with these tables (damage the rANS states themselves reveal)."""
     lanes = tables.numel()
     end = words.numel()
     if end < 2 * lanes:
         raise CorruptStream(f"{end} words, fewer than the {2 * lanes} of the lanes' states")
-    stream = torch.nn.functional.pad(words.to(torch.int32) & 0xFFFF, (0, lanes))  # room for a step's reads past the end
-    state = stream[: 2 * lanes : 2] << WORD | stream[1 : 2 * lanes : 2]
+    first = words[: 2 * lanes].to(torch.int32) & 0xFFFF
+    state = first[0::2] << WORD | first[1::2]
     read = 2 * lanes
     # per table and slot of [0, TOTAL): its symbol, and its symbol's frequency << 16 | (slot - the symbol's start)
     cumulative = freqs.cumsum(1)
@@ -72,10 +72,11 @@ def decode(words: Tensor, tables: Tensor, freqs: Tensor, steps: int) -> Tensor:
     symbol = torch.searchsorted(cumulative, slots.expand(freqs.shape[0], -1).contiguous(), right=True)
     frequency = freqs.gather(1, symbol)
     update = (frequency << 16 | slots - cumulative.gather(1, symbol) + frequency).to(torch.int32).view(-1)
-    symbol = symbol.to(torch.int32).view(-1)
+    symbol = symbol.to(torch.int16).view(-1)
     base = (tables * TOTAL).to(torch.int32)
-    out = torch.empty(steps, lanes, dtype=torch.int32)
+    out = torch.empty(steps, lanes, dtype=torch.int16)
     index, found, word, shifted, low, taken = (torch.empty(lanes, dtype=torch.int32) for _ in range(6))
+    stored = torch.empty(lanes, dtype=torch.int16)
     for step in range(steps):  # in place and into buffers: a step is a few passes over the lanes, no allocation
         torch.bitwise_and(state, TOTAL - 1, out=index).add_(base)
         torch.index_select(symbol, 0, index, out=out[step])
@@ -85,12 +86,13 @@ def decode(words: Tensor, tables: Tensor, freqs: Tensor, steps: int) -> Tensor:
         torch.sub(state, LOW, out=low).bitwise_right_shift_(31)  # -1 where a state ran low, else 0
         torch.cumsum(low, 0, out=taken).neg_()  # the lanes that read take the next words in order
         wanted = int(taken[-1]) if lanes else 0
-        torch.index_select(stream, 0, taken.add_(read - 1), out=word)
+        if read + wanted > end:
+            raise CorruptStream(f"the lanes ask for more than the {end} words")
+        torch.index_select(words, 0, taken.add_(read - 1), out=stored)  # a lane that reads nothing: a word read before
+        word.copy_(stored).bitwise_and_(0xFFFF)
         word.bitwise_or_(torch.bitwise_left_shift(state, WORD, out=shifted))
         state.bitwise_xor_(word.bitwise_xor_(state).bitwise_and_(low))  # the read-in state where low, else as was
         read += wanted
-        if read > end:
-            raise CorruptStream(f"the lanes ask for more than the {end} words")
     if read != end or bool((state != LOW).any()):
         raise CorruptStream("the lanes' states do not decode back to their start")
     return out

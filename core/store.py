@@ -164,13 +164,15 @@ def coded_names(paused_layer: int) -> list[str]:
     return [*names, "paused.hidden"]
 
 
+def tokens_first(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A coded tensor's view with its tokens first: keys and values [kv_heads, n, d] as [n, kv_heads, d]."""
+    return x if name == "paused.hidden" else x.transpose(0, 1)
+
+
 def as_columns(name: str, x: torch.Tensor) -> torch.Tensor:
-    """A coded tensor as [tokens, channels]: keys and values [kv_heads, n, d] with kv_heads * d channels."""
-    return x if name == "paused.hidden" else x.transpose(0, 1).reshape(x.shape[1], -1)
-
-
-def from_columns(name: str, columns: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return columns if name == "paused.hidden" else columns.view(shape[1], shape[0], shape[2]).transpose(0, 1)
+    """A coded tensor as [tokens, channels]: keys and values with kv_heads * d channels."""
+    x = tokens_first(name, x)
+    return x.reshape(x.shape[0], -1)
 
 
 def coded_tensors(floats: dict[str, torch.Tensor], quantization: dict, model) -> dict[str, torch.Tensor]:
@@ -646,9 +648,12 @@ def decoded(path: Path, tensors: dict[str, torch.Tensor], manifest: dict, model)
         codes = coded.decode(coded.Coded(*(tensors[part] for part in CODED_PARTS)), sum(channels), context)
     except ValueError as error:
         raise CacheFileError(f"{path}: {error}") from None
-    for name, part, step in zip(names, codes.split(channels, 1), steps, strict=True):
-        x = from_columns(name, part * step, shapes[name])  # int32 codes times a float: float32
-        result[name] = (model.rotate_keys(x) if model is not None and name.endswith(".keys") else x).contiguous()
+    start = 0
+    for name, width, step in zip(names, channels, steps, strict=True):
+        x = torch.empty(shapes[name], dtype=DEQUANTIZED)
+        codes.scaled(start, start + width, step, tokens_first(name, x))
+        start += width
+        result[name] = model.rotate_keys(x) if model is not None and name.endswith(".keys") else x
     return result
 
 
