@@ -25,7 +25,8 @@ from core.quant import dequantize, quantize
 SPAN = 255  # offsets from a channel's median coded as symbols; farther ones escape
 ESCAPE = 2 * SPAN + 1
 ALPHABET = ESCAPE + 1
-LANE_TOKENS = 512  # the most tokens of a channel one lane codes: 4 bytes of rANS state a lane, a load step a token
+LANE_TOKENS = 2048  # the most tokens of a channel one lane codes: 4 bytes of rANS state a lane, a load step a token
+LANE_TOKENS_READ = tuple(1 << power for power in range(4, 17))  # what a file's may be (the first v12 files: 512)
 SPREADS = 4  # classes of channels per doubling of their mean absolute offset: each class has its own table
 BLOCK = 1 << 26  # codes in one rANS stream at most: a load decodes each in one pass, a save holds its symbols
 CHUNK = 1 << 22  # codes an encoder rounds and counts at a time: with BLOCK, what bounds a save's memory
@@ -79,9 +80,9 @@ def step_for(x: Tensor, bits: int, group: int, dim: int) -> float:
     return step if step > 0 else 1.0  # a tensor int6 stores exactly (a constant one): any step
 
 
-def lanes(tokens: int) -> tuple[int, int]:
+def lanes(tokens: int, lane_tokens: int) -> tuple[int, int]:
     """(lanes a channel's `tokens` are dealt into, tokens each lane codes): the last tokens padded."""
-    count = -(-tokens // LANE_TOKENS)
+    count = -(-tokens // lane_tokens)
     return count, -(-tokens // count)
 
 
@@ -107,7 +108,7 @@ def encode(columns: Callable[[int, int], Tensor], channels: int, tokens: int) ->
         counts += torch.bincount((symbols_of(offsets) + spread * ALPHABET).view(-1), minlength=counts.numel()).view(
             counts.shape
         )
-    count, steps = lanes(tokens)
+    count, steps = lanes(tokens, LANE_TOKENS)
     counts[:, SPAN] += torch.bincount(spreads, minlength=len(counts)) * (count * steps - tokens)  # padding: offset 0
     used, classes = torch.unique(spreads, return_inverse=True)  # a table for each spread present
     tables = rans.frequencies(counts[used])
@@ -141,15 +142,16 @@ def symbols_of(offsets: Tensor) -> Tensor:
     return torch.where(offsets.abs() > SPAN, ESCAPE, offsets + SPAN)
 
 
-def decode(coded: Coded, channels: int, tokens: int) -> Codes:
-    """The codes [tokens, channels] that `coded` stores. Raises ValueError naming the part that does not fit,
-    each part checked before anything is sized by it (`tokens` the caller has checked against stored data)."""
+def decode(coded: Coded, channels: int, tokens: int, lane_tokens: int) -> Codes:
+    """The codes [tokens, channels] that `coded` stores in lanes of at most `lane_tokens`. Raises ValueError naming
+    the part that does not fit, each part checked before anything is sized by it (`tokens` the caller has checked
+    against stored data, `lane_tokens` against LANE_TOKENS_READ)."""
     words, lengths, tables, classes, centers, escapes = (
         coded.words, coded.lengths, coded.tables, coded.classes, coded.centers, coded.escapes
     )  # fmt: skip
     if centers.dtype != torch.int32 or tuple(centers.shape) != (channels,):
         raise ValueError(f"coded.centers should hold {channels:,} int32 medians")
-    count, steps = lanes(tokens)
+    count, steps = lanes(tokens, lane_tokens)
     if words.dtype != torch.int16 or words.dim() != 1 or words.numel() < 2 * count * channels:
         raise ValueError(f"coded.words should be int16 words, at least 2 for each of the {count * channels:,} lanes")
     ranges = blocks(channels, tokens)

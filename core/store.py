@@ -52,6 +52,7 @@ STORAGE_DTYPES = (*CACHE_DTYPES, *BITS, CODED)  # what --cache-dtype accepts
 CODED_PARTS = ("coded.words", "coded.lengths", "coded.tables", "coded.classes", "coded.centers", "coded.escapes")
 CODED_FLOATS = torch.float16  # a coded file's tensors that are not coded: the held queries, the empty deeper layers
 CODING = {  # how a coded file is coded, beyond int6's scheme its steps come from: what this version decodes
+    # (and writes: a file's lane_tokens may be any of coded.LANE_TOKENS_READ)
     "coding": "rans",
     "keys": "before_rope",
     "lane_tokens": coded.LANE_TOKENS,
@@ -545,8 +546,14 @@ def check_coding(manifest: dict) -> None:
     if manifest["format_version"] < 12 or manifest["paused_layer"] is None:
         raise CacheFileError("manifest.dtype is coded, which only version 12 query-aware files are")
     quantization = manifest["quantization"] or {}
+    lane_tokens = quantization.get("lane_tokens")
+    if not (type(lane_tokens) is int and lane_tokens in coded.LANE_TOKENS_READ):
+        raise CacheFileError(
+            f"manifest.quantization.lane_tokens is {json.dumps(lane_tokens)[:40]}, not a power of two from "
+            f"{coded.LANE_TOKENS_READ[0]} to {coded.LANE_TOKENS_READ[-1]}"
+        )
     for key, expected in CODING.items():
-        if quantization.get(key) != expected:
+        if key != "lane_tokens" and quantization.get(key) != expected:
             found = json.dumps(quantization.get(key))[:40]
             raise CacheFileError(
                 f"manifest.quantization.{key} is {found}, not {json.dumps(expected)}: coded in a way this version "
@@ -645,7 +652,8 @@ def decoded(path: Path, tensors: dict[str, torch.Tensor], manifest: dict, model)
     channels = [math.prod(shapes[name]) // context for name in names]
     try:
         steps = [coded.check_step(tensors[f"{name}.step"], name) for name in names]
-        codes = coded.decode(coded.Coded(*(tensors[part] for part in CODED_PARTS)), sum(channels), context)
+        stored = coded.Coded(*(tensors[part] for part in CODED_PARTS))
+        codes = coded.decode(stored, sum(channels), context, manifest["quantization"]["lane_tokens"])
     except ValueError as error:
         raise CacheFileError(f"{path}: {error}") from None
     start = 0

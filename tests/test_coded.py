@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from core import coded, rans
 from core.errors import CacheFileError, InputError
 from core.quant import dequantize, quantize
-from core.store import FORMAT_VERSION, load_cache, save_cache
+from core.store import CODING, FORMAT_VERSION, load_cache, save_cache
 from tests.test_store import (  # noqa: F401  (fixtures)
     document,
     engine,
@@ -100,7 +100,7 @@ def test_codes_round_trip_exactly_with_far_offsets_escaped(channels, tokens, mon
     codes[0, 0] = 10**6  # an attention sink's size
     stored = coded.encode(lambda start, stop: codes[:, start:stop], channels, tokens)
 
-    decoded = coded.decode(stored, channels, tokens)
+    decoded = coded.decode(stored, channels, tokens, coded.LANE_TOKENS)
     out = torch.empty(channels, tokens, dtype=torch.float64).T  # [tokens, channels], channels not innermost
     half = channels // 2
     decoded.scaled(0, half, 1.0, out[:, :half])
@@ -174,6 +174,22 @@ def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_awar
     assert squared_error(coded_file) < 1.2 * squared_error(tmp_path / "int6.fkv")
 
 
+def test_the_lane_length_changes_the_bytes_never_the_values(engine, query_aware, coded_file, tmp_path, monkeypatch):  # noqa: F811
+    """A file coded in shorter lanes (the first v12 files': 512 tokens) loads to exactly what today's loads to."""
+    monkeypatch.setattr(coded, "LANE_TOKENS", 16)  # several lanes a channel even in the short test document
+    monkeypatch.setitem(CODING, "lane_tokens", 16)
+    short = tmp_path / "short-lanes.fkv"
+    save_cache(short, query_aware.cache, query_aware.manifest, "coded", model=engine.runner)
+    monkeypatch.undo()
+
+    assert load_cache(short)[1]["quantization"]["lane_tokens"] == 16 != coded.LANE_TOKENS
+    assert short.stat().st_size > coded_file.stat().st_size  # a state to store a lane
+    (a, _), (b, _) = (load_cache(path, "cpu", torch.float32, engine.runner) for path in (short, coded_file))
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    assert torch.equal(a.paused.hidden, b.paused.hidden)
+
+
 def test_without_the_model_a_coded_file_keeps_its_keys_as_stored(engine, coded_file):  # noqa: F811
     """`cache info` loads without a model: the keys stay before RoPE, the rest as with the model."""
     bare, _ = load_cache(coded_file)
@@ -222,7 +238,10 @@ def test_a_damaged_coded_file_is_refused_naming_the_part(engine, coded_file, tmp
 
 MANIFEST_CASES = {
     "coded in a version 11 file": (lambda m: m.update(format_version=11), "only version 12"),
-    "another lane length": (lambda m: m["quantization"].update(lane_tokens=256), "lane_tokens is 256"),
+    "a lane length not a power of two": (lambda m: m["quantization"].update(lane_tokens=300), "lane_tokens is 300"),
+    "a lane length past the largest": (lambda m: m["quantization"].update(lane_tokens=2**20), "not a power of two"),
+    "a lane length as text": (lambda m: m["quantization"].update(lane_tokens="512"), 'lane_tokens is "512"'),
+    "a lane length other than the file's": (lambda m: m["quantization"].update(lane_tokens=16), "coded.words"),
     "another coder": (lambda m: m["quantization"].update(coding="huffman"), 'coding is "huffman"'),
     "a context far beyond the stored tokens": (
         lambda m: m.update(context_tokens=m["context_tokens"] * 10**6),
