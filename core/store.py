@@ -51,11 +51,9 @@ CODED = "coded"  # int6's rounding error at one step a tensor, entropy-coded (co
 STORAGE_DTYPES = (*CACHE_DTYPES, *BITS, CODED)  # what --cache-dtype accepts
 CODED_PARTS = ("coded.words", "coded.lengths", "coded.tables", "coded.classes", "coded.centers", "coded.escapes")
 CODED_FLOATS = torch.float16  # a coded file's tensors that are not coded: the held queries, the empty deeper layers
-CODING = {  # how a coded file is coded, beyond int6's scheme its steps come from: what this version decodes
-    # (and writes: a file's lane_tokens may be any of coded.LANE_TOKENS_READ)
+CODING = {  # how a coded file is coded, beyond int6's scheme its steps come from and its `lane_tokens`
     "coding": "rans",
     "keys": "before_rope",
-    "lane_tokens": coded.LANE_TOKENS,
     "span": coded.SPAN,
     "precision": rans.PRECISION,
     "block": coded.BLOCK,
@@ -248,7 +246,7 @@ def quantization_for(dtype: str, model: dict, paused_layer: int | None) -> dict 
     """The manifest's `quantization` for storing a cache of `model` in `dtype` (None: float storage), paused
     after `paused_layer` (None: not paused)."""
     if dtype == CODED:
-        return {**quantization_for("int6", model, paused_layer), **CODING}
+        return {**quantization_for("int6", model, paused_layer), **CODING, "lane_tokens": coded.LANE_TOKENS}
     if dtype not in BITS:
         return None
     group = group_size(model["head_dim"], model["hidden_size"])
@@ -553,7 +551,7 @@ def check_coding(manifest: dict) -> None:
             f"{coded.LANE_TOKENS_READ[0]} to {coded.LANE_TOKENS_READ[-1]}"
         )
     for key, expected in CODING.items():
-        if key != "lane_tokens" and quantization.get(key) != expected:
+        if quantization.get(key) != expected:
             found = json.dumps(quantization.get(key))[:40]
             raise CacheFileError(
                 f"manifest.quantization.{key} is {found}, not {json.dumps(expected)}: coded in a way this version "

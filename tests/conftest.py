@@ -1,4 +1,5 @@
-"""Session fixtures: tiny random models of every supported family, a tiny tokenizer, saved model folders."""
+"""Shared fixtures: tiny random models of every supported family, a tiny tokenizer, saved model folders, and
+the saved contexts of one tiny document."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -6,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.documents import Document
+from core.engine import Engine, SavedContext
+from core.models import load_model
+from tests.helpers import PAGES, build, make_document
 from tests.tiny_models import (
     CLI_WINDOW,
     FAMILIES,
@@ -62,3 +67,24 @@ def unsupported_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     save_tiny_gpt2(folder, tiny_tokenizer)
     return folder
+
+
+# saved contexts of one tiny document, built once per test module (tests/test_store.py and the storage tests)
+@pytest.fixture(scope="module")
+def engine(tiny_model_folder) -> Engine:
+    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def document() -> Document:
+    return make_document(PAGES)
+
+
+@pytest.fixture(scope="module")
+def saved(engine, document) -> SavedContext:
+    return build(engine, document)
+
+
+@pytest.fixture(scope="module")
+def query_aware(engine, document) -> SavedContext:
+    return build(engine, document, budget="20%", query_aware=True)

@@ -6,7 +6,9 @@ import torch
 from typer.testing import CliRunner
 
 from core.documents import Document
+from core.engine import Engine
 from core.kvcache import KVCache
+from core.methods import Budget, make_method
 from fastkv_cli.app import app
 
 
@@ -26,6 +28,20 @@ def assert_one_line_error(result, *needles: str, code: int = 2) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+PAGES = [  # the tiny saved caches' document (conftest.py)
+    " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(6)),
+    " ".join(f"Page two, line {i}: the lamp burned {i * 3} litres of oil." for i in range(6)),
+]
+RESERVED = 128  # the tiny folder's window is 512, less than build's default reserve
+
+
+def build(engine: Engine, document: Document, budget: str = "50%", query_budget: str | None = None, **kw):
+    """A saved context of `document` as `cache build` makes it, at a fixed window (query-aware files hold queries)."""
+    method = make_method("fastkv", budget=budget, window=8)
+    query = None if query_budget is None else Budget.parse(query_budget)
+    return engine.build([document], method, query, reserved=RESERVED, **kw)
 
 
 def make_document(pages: list[str], name: str = "harrow.txt") -> Document:

@@ -7,15 +7,14 @@ import pytest
 
 from core.quant import HIDDEN_BITS
 from core.store import load_cache, save_cache
-from tests.helpers import assert_same_cache
-from tests.test_store import build, document, engine  # noqa: F401  (fixtures)
+from tests.helpers import assert_same_cache, build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench scripts import each other
 import storage  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int4", "int8", "coded"])
-def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, tmp_path, dtype):  # noqa: F811
+def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, tmp_path, dtype):
     saved = build(engine, document, budget="20%", query_aware=True)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
@@ -28,7 +27,7 @@ def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, 
     assert nbytes < path.stat().st_size < nbytes + 64 * 1024  # the file adds its header alone
 
 
-def test_added_bits_widen_every_paused_layer_over_the_default_and_nothing_else(engine, document):  # noqa: F811
+def test_added_bits_widen_every_paused_layer_over_the_default_and_nothing_else(engine, document):
     saved = build(engine, document, budget="20%", query_aware=True)
     plain, wider = storage.Storage("int4", HIDDEN_BITS), storage.Storage("int4", HIDDEN_BITS, added_bits=2)
     default = plain.quantization(saved.manifest)

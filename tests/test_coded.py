@@ -10,17 +10,8 @@ from safetensors.torch import load_file
 from core import coded, rans
 from core.errors import CacheFileError, InputError
 from core.quant import dequantize, quantize
-from core.store import CODING, FORMAT_VERSION, load_cache, save_cache
-from tests.test_store import (  # noqa: F401  (fixtures)
-    document,
-    engine,
-    query_aware,
-    refusal,
-    rewrite_manifest,
-    rewrite_tensors,
-    saved,
-    update,
-)
+from core.store import FORMAT_VERSION, load_cache, save_cache
+from tests.test_store import refusal, rewrite_manifest, rewrite_tensors, update
 
 # --- the coder ------------------------------------------------------------------------------------------
 
@@ -139,13 +130,13 @@ def test_one_step_a_tensor_rounds_with_the_error_of_the_group_wise_storage(bits)
 
 
 @pytest.fixture(scope="module")
-def coded_file(tmp_path_factory, engine, query_aware) -> Path:  # noqa: F811
+def coded_file(tmp_path_factory, engine, query_aware) -> Path:
     path = tmp_path_factory.mktemp("coded") / "coded.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, "coded", model=engine.runner)
     return path
 
 
-def test_a_coded_file_loads_every_value_within_half_its_step(engine, coded_file, query_aware):  # noqa: F811
+def test_a_coded_file_loads_every_value_within_half_its_step(engine, coded_file, query_aware):
     """Values and hidden states within half a step; keys, rounded before RoPE, within half a step in each of a
     rotated pair (a rotation moves the pair's error, not its length); layer 0 rebuilt exactly; queries float16."""
     cache, manifest = load_cache(coded_file, "cpu", torch.float32, engine.runner)
@@ -162,7 +153,7 @@ def test_a_coded_file_loads_every_value_within_half_its_step(engine, coded_file,
     assert all(layer.length == 0 for layer in cache.layers[manifest["paused_layer"] + 1 :])
 
 
-def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_aware, coded_file, tmp_path):  # noqa: F811
+def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_aware, coded_file, tmp_path):
     int6 = save_cache(tmp_path / "int6.fkv", query_aware.cache, query_aware.manifest, "int6")
 
     def squared_error(path: Path) -> float:
@@ -174,10 +165,9 @@ def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_awar
     assert squared_error(coded_file) < 1.2 * squared_error(tmp_path / "int6.fkv")
 
 
-def test_the_lane_length_changes_the_bytes_never_the_values(engine, query_aware, coded_file, tmp_path, monkeypatch):  # noqa: F811
+def test_the_lane_length_changes_the_bytes_never_the_values(engine, query_aware, coded_file, tmp_path, monkeypatch):
     """A file coded in shorter lanes (the first v12 files': 512 tokens) loads to exactly what today's loads to."""
     monkeypatch.setattr(coded, "LANE_TOKENS", 16)  # several lanes a channel even in the short test document
-    monkeypatch.setitem(CODING, "lane_tokens", 16)
     short = tmp_path / "short-lanes.fkv"
     save_cache(short, query_aware.cache, query_aware.manifest, "coded", model=engine.runner)
     monkeypatch.undo()
@@ -190,7 +180,7 @@ def test_the_lane_length_changes_the_bytes_never_the_values(engine, query_aware,
     assert torch.equal(a.paused.hidden, b.paused.hidden)
 
 
-def test_without_the_model_a_coded_file_keeps_its_keys_as_stored(engine, coded_file):  # noqa: F811
+def test_without_the_model_a_coded_file_keeps_its_keys_as_stored(engine, coded_file):
     """`cache info` loads without a model: the keys stay before RoPE, the rest as with the model."""
     bare, _ = load_cache(coded_file)
     full, _ = load_cache(coded_file, "cpu", torch.float32, engine.runner)
@@ -198,7 +188,7 @@ def test_without_the_model_a_coded_file_keeps_its_keys_as_stored(engine, coded_f
     assert torch.equal(bare.layers[1].values.float(), full.layers[1].values)
 
 
-def test_a_question_blind_cache_cannot_be_coded(engine, saved, tmp_path):  # noqa: F811
+def test_a_question_blind_cache_cannot_be_coded(engine, saved, tmp_path):
     with pytest.raises(InputError, match="query-aware"):
         save_cache(tmp_path / "blind.fkv", saved.cache, saved.manifest, "coded", model=engine.runner)
     assert not (tmp_path / "blind.fkv").exists()
@@ -228,7 +218,7 @@ CODED_CASES = {  # edit of the tensors -> what the refusal names
 
 
 @pytest.mark.parametrize("case", CODED_CASES)
-def test_a_damaged_coded_file_is_refused_naming_the_part(engine, coded_file, tmp_path, case):  # noqa: F811
+def test_a_damaged_coded_file_is_refused_naming_the_part(engine, coded_file, tmp_path, case):
     edit, expected = CODED_CASES[case]
     path = rewrite_tensors(coded_file, tmp_path / "bad.fkv", edit)
     with pytest.raises(CacheFileError, match=str(path)):

@@ -21,18 +21,8 @@ from core.quant import (
     unpack,
 )
 from core.store import FORMAT_VERSION, load_cache, save_cache
-from tests.test_store import (  # noqa: F401  (fixtures)
-    QUESTION,
-    build,
-    document,
-    engine,
-    query_aware,
-    refusal,
-    rewrite_manifest,
-    rewrite_tensors,
-    saved,
-    with_paused_positions,
-)
+from tests.helpers import build
+from tests.test_store import QUESTION, refusal, rewrite_manifest, rewrite_tensors, with_paused_positions
 
 # --- the arithmetic -----------------------------------------------------------------------------------
 
@@ -109,14 +99,14 @@ def test_a_group_that_does_not_divide_the_channels_is_refused():
 
 
 @pytest.fixture(scope="module", params=["int8", "int6", "int4"])
-def quantized_file(request, tmp_path_factory, query_aware) -> Path:  # noqa: F811
+def quantized_file(request, tmp_path_factory, query_aware) -> Path:
     """A query-aware cache (every tensor kind: keys, values, paused hidden states and queries), quantized."""
     path = tmp_path_factory.mktemp("quant") / f"{request.param}.fkv"
     save_cache(path, query_aware.cache, query_aware.manifest, request.param)
     return path
 
 
-def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, query_aware):  # noqa: F811
+def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, query_aware):
     """Keys, values and queries at the dtype's bits; the paused hidden states at HIDDEN_BITS in an int4 file;
     layer 0 rebuilt from the token ids, exact."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32, engine.runner)
@@ -140,7 +130,7 @@ def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, q
             assert (loaded - original).abs().max().item() <= span / ((1 << stored_bits) - 1) / 2 * 1.01
 
 
-def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatch):  # noqa: F811
+def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatch):
     """The tiny model pauses after 2 layers, too few to shift a bit, and layer 0 is rebuilt from the token ids:
     store layer 1 at 3 bits, then at 5."""
     sizes, layers = {}, {}
@@ -160,7 +150,7 @@ def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatc
     assert layers[3].keys.sub(original.keys).abs().max() > layers[5].keys.sub(original.keys).abs().max()
 
 
-def with_quantized_first_layer(engine, bits: int, group: int = 16):  # noqa: F811
+def with_quantized_first_layer(engine, bits: int, group: int = 16):
     """A version 10 or older quantized file's tensors: a paused prefill's layer 0 keys (grouped along tokens) and
     values (along channels) at `bits`, no token ids."""
 
@@ -175,8 +165,8 @@ def with_quantized_first_layer(engine, bits: int, group: int = 16):  # noqa: F81
 
 
 def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(
-    engine,  # noqa: F811
-    query_aware,  # noqa: F811
+    engine,
+    query_aware,
     tmp_path,
     monkeypatch,
 ):
@@ -197,7 +187,7 @@ def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(
     assert (cache.layers[0].keys - expected.layers[0].keys).abs().max().item() <= span / 15 / 2 * 1.01
 
 
-def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):  # noqa: F811
+def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):
     """The residual stream has a few channels far larger than the rest (Qwen2.5's reach ~2000 against a
     median of 0.2). Grouped along tokens, the hidden states' other channels keep their own precision."""
     hidden = query_aware.cache.paused.hidden.clone()
@@ -227,7 +217,7 @@ OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hid
 
 
 @pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
-def test_an_older_file_loads_its_hidden_states_as_written(engine, query_aware, tmp_path, case):  # noqa: F811
+def test_an_older_file_loads_its_hidden_states_as_written(engine, query_aware, tmp_path, case):
     """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
     version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
     path = tmp_path / "v7.fkv"
@@ -252,14 +242,14 @@ def test_an_older_file_loads_its_hidden_states_as_written(engine, query_aware, t
     assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), bits, group, dim, torch.float32))
 
 
-def test_quantized_files_are_smaller(saved, tmp_path):  # noqa: F811
+def test_quantized_files_are_smaller(saved, tmp_path):
     sizes = {}
     for dtype in ("float16", "int8", "int6", "int4"):
         sizes[dtype] = save_cache(tmp_path / f"{dtype}.fkv", saved.cache, saved.manifest, dtype)
     assert sizes["int4"] < sizes["int6"] < sizes["int8"] < sizes["float16"]
 
 
-def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_path):  # noqa: F811
+def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_path):
     """The next-token logits after the question, from an int8 and a float32 file of one query-aware cache.
 
     int8 moves each stored element by at most 1/510 of its group's range, so the logits should move
@@ -277,7 +267,7 @@ def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_
     assert logits["int8"].argmax() == logits["float32"].argmax()
 
 
-def test_a_version_3_file_still_loads(saved, tmp_path):  # noqa: F811
+def test_a_version_3_file_still_loads(saved, tmp_path):
     path = save_cache(tmp_path / "v4.fkv", saved.cache, saved.manifest, "float16") and tmp_path / "v4.fkv"
 
     def as_version_3(manifest):
@@ -368,7 +358,7 @@ def test_the_checksum_covers_the_codes_as_stored(quantized_file, tmp_path):
     assert "checksum" in refusal(load_cache, path)
 
 
-def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):  # noqa: F811
+def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):
     from core.engine import build_summary
 
     summary = build_summary(saved, "c.fkv", 1000, 0.5, "int4")

@@ -12,13 +12,12 @@ from safetensors.torch import load_file, save
 
 import core.atomic
 import core.engine
-from core.documents import Document
 from core.engine import Engine, SavedContext
 from core.errors import CacheFileError, FastKVError, InputError
 from core.generation import Decoding
 from core.kvcache import EMPTY, KVCache
 from core.methods import Budget, make_method
-from core.models import LoadedModel, load_model
+from core.models import LoadedModel
 from core.prompt import encode_question
 from core.stats import RunStats
 from core.store import (
@@ -30,42 +29,11 @@ from core.store import (
     save_cache,
     tensors_sha256,
 )
-from tests.helpers import assert_bit_equal, assert_same_cache, make_document
+from tests.helpers import RESERVED, assert_bit_equal, assert_same_cache, build
 
 QUESTION = "When was the lighthouse automated?"
 OTHER_QUESTION = "Who designed the tower?"
-PAGES = [
-    " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(6)),
-    " ".join(f"Page two, line {i}: the lamp burned {i * 3} litres of oil." for i in range(6)),
-]
-RESERVED = 128  # the tiny folder's window is 512, less than build's default reserve
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
-
-
-@pytest.fixture(scope="module")
-def document() -> Document:
-    return make_document(PAGES)
-
-
-def build(engine: Engine, document: Document, budget: str = "50%", query_budget: str | None = None, **kw):
-    method = make_method("fastkv", budget=budget, window=8)  # a fixed window: query-aware files hold queries
-    query = None if query_budget is None else Budget.parse(query_budget)
-    return engine.build([document], method, query, reserved=RESERVED, **kw)
-
-
-@pytest.fixture(scope="module")
-def saved(engine, document) -> SavedContext:
-    return build(engine, document)
-
-
-@pytest.fixture(scope="module")
-def query_aware(engine, document) -> SavedContext:
-    return build(engine, document, budget="20%", query_aware=True)
 
 
 @pytest.fixture(scope="module")
