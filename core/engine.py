@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 
@@ -44,6 +44,7 @@ class Answer:
     budget: str | None
     documents: list[dict]  # name, sha256, pages, tokens
     stats: RunStats
+    logits: torch.Tensor | None = field(default=None, repr=False)  # [vocab]: what the first answer token came from
 
     def to_dict(self) -> dict:
         """The stable `--json` schema: fields are added over time, never renamed."""
@@ -241,7 +242,9 @@ class Engine:
         self.record_cache(stats, prefill.cache)
         text = self.decode(prefill.cache, prefill.logits, decoding, on_text, stats, clock)
         summaries = document_summaries(documents, context)
-        return Answer(question, text, self.loaded.name, method.name, method.budget_label, summaries, stats)
+        return Answer(
+            question, text, self.loaded.name, method.name, method.budget_label, summaries, stats, prefill.logits
+        )
 
     def context(
         self, documents: list[Document], reserved: int, truncate: str | None, most: int | None = None
@@ -381,7 +384,7 @@ class Engine:
         ]
         method = manifest["method"]
         label = selection.budget_label if selection else method["parameters"].get("budget")
-        return Answer(question, text, self.loaded.name, method["name"], label, documents, stats)
+        return Answer(question, text, self.loaded.name, method["name"], label, documents, stats, logits)
 
     def append_question(
         self, saved: SavedContext, question_ids: list[int], budget: Budget | None = None
