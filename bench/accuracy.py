@@ -63,6 +63,7 @@ from core.generation import Decoding, generate
 from core.kvcache import KVCache
 from core.methods import DEFAULT_METHOD, METHODS, Budget, Method, make_method
 from core.methods.fullkv import FullKV
+from core.options import BuildPlan
 from core.prompt import encode_question
 from core.store import STORAGE_DTYPES, load_cache, save_cache
 
@@ -252,7 +253,7 @@ def run_saved(
             saved = built[1]
         elif variant.mode == "query-aware":
             if paused is None:
-                paused = engine.build([items[0].document], method, None, reserved=reserved, query_aware=True)
+                paused = engine.build([items[0].document], BuildPlan(method, query_aware=True), reserved=reserved)
             manifest = {**paused.manifest, "method": {"name": method.name, "parameters": method.parameters()}}
             saved = SavedContext(paused.cache, manifest, paused.stats)
         else:

@@ -35,6 +35,7 @@ from core.documents import read_documents
 from core.engine import Engine, SavedContext
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
+from core.options import BuildPlan
 from core.quant import BITS
 from core.store import CODED, decoded, dequantized, load_cache, save_cache
 
@@ -93,7 +94,7 @@ def build_all(engine: Engine, document: Path, folder: Path, made: list[Kind]) ->
         if kind.build_key() not in builds:
             method = make_method(kind.method, budget=kind.budget)
             builds[kind.build_key()] = engine.build(
-                read_documents([str(document)]), method, None, query_aware=kind.query_aware
+                read_documents([str(document)]), BuildPlan(method, query_aware=kind.query_aware)
             )
         saved = builds[kind.build_key()]
         query_budget = None if kind.query_budget is None else str(kind.query_budget)

@@ -36,6 +36,7 @@ from tasks.scoring import score
 from core.engine import Engine, SavedContext, fullkv_file_bytes
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
+from core.options import BuildPlan
 from core.quant import CODE_WIDTHS, HIDDEN_BITS
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
@@ -89,7 +90,7 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
         console.print(f"{group[0].group}: {len(group)} questions")
         asked = [run_ask(engine, item, settings, lambda: None)[1].text for item in group]
         reserved = max(len(question_ids(engine, item.question)) for item in group) + decoding.max_new_tokens
-        paused = engine.build([group[0].document], method, None, reserved=reserved, query_aware=True)
+        paused = engine.build([group[0].document], BuildPlan(method, query_aware=True), reserved=reserved)
         saved = SavedContext(paused.cache, paused.manifest, paused.stats)
         context = saved.manifest["context_tokens"]
         fullkv = fullkv_file_bytes(saved.manifest["model"], context)

@@ -5,34 +5,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from core import __version__ as FASTKV_VERSION
 from core.documents import Document, TokenLimit
-from core.errors import CacheFileError, ContextOverflowError, InputError
+from core.errors import CacheFileError, ContextOverflowError, FastKVError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
 from core.memory import MemoryGuard
 from core.methods import DEFAULT_METHOD, Budget, Method, PauseAfter, make_method
-from core.methods.snapkv import SnapKV
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
+from core.options import BuildPlan
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
+from core.saved import BuiltCache, SavedContext, manifest_pages_used, query_method
 from core.stats import RunStats, Stopwatch
-from core.store import check_cache_dtype, load_cache, quantization_for, read_manifest
+from core.store import check_target, load_cache, read_manifest, save_cache
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
-
-
-@dataclass
-class SavedContext:
-    """A prefilled context without its question: what `cache build` saves and `cache query` loads."""
-
-    cache: KVCache
-    manifest: dict
-    stats: RunStats
 
 
 @dataclass
@@ -69,83 +62,6 @@ def document_summaries(documents: list[Document], context: Context) -> list[dict
 
 def pages_used(context: Context) -> list[int]:
     return [sum(end > start for start, end in pages) for pages in context.page_token_spans]
-
-
-def manifest_pages_used(manifest: dict) -> list[int]:
-    return [sum(end > start for start, end in doc["page_token_spans"]) for doc in manifest["documents"]]
-
-
-def query_method(manifest: dict, budget: Budget | None, question_tokens: int) -> Method | None:
-    """How a query selects from a saved context. A query-aware (paused) cache: the method it was built
-    with, at `budget` if given, exactly as `ask` runs it. Otherwise two-stage selection: the question's
-    own tokens score the stored ones and keep `budget` (default: the file's query budget); None when
-    answers should use every stored token."""
-    method, parameters = manifest["method"]["name"], manifest["method"]["parameters"]
-    if manifest["paused_layer"] is not None:
-        return make_method(method, **{**parameters, "budget": budget or parameters["budget"]}).for_question(
-            question_tokens
-        )
-    if budget is None and manifest["query_budget"] is not None:
-        budget = Budget.parse(manifest["query_budget"])
-    if budget is None:
-        return None
-    return SnapKV(budget, window=question_tokens, pooling=parameters.get("pooling", "maxpool"))
-
-
-def cache_kind(manifest: dict) -> str:
-    """query-aware (a paused prefill), two-stage (queries re-select) or one-stage (answers use what is stored)."""
-    if manifest["paused_layer"] is not None:
-        return "query-aware"
-    return "one-stage" if manifest["query_budget"] is None else "two-stage"
-
-
-def fullkv_file_bytes(model: dict, tokens: int) -> int:
-    """The tensor bytes of a float16 cache of every token: the yardstick a saved file's size is read against."""
-    per_token = model["num_layers"] * model["num_kv_heads"] * (2 * model["head_dim"] * 2 + 4)  # K, V, position
-    return per_token * tokens
-
-
-def build_summary(saved: SavedContext, output: str, file_bytes: int, save_s: float, cache_dtype: str) -> dict:
-    """What `cache build --json` prints: the stable keys output/file_bytes/save_s, the kind of cache, its
-    storage and its size against a float16 cache of every token, then the run's stats."""
-    manifest = saved.manifest
-    full = fullkv_file_bytes(manifest["model"], manifest["context_tokens"])
-    return {
-        "output": output,
-        "file_bytes": file_bytes,
-        "save_s": save_s,
-        "model": manifest["model"]["name"],
-        "method": manifest["method"]["name"],
-        "budget": manifest["method"]["parameters"].get("budget"),
-        "kind": cache_kind(manifest),
-        "query_budget": manifest["query_budget"],
-        "paused_layer": manifest["paused_layer"],
-        "cache_dtype": cache_dtype,
-        "quantization": quantization_for(cache_dtype, manifest["model"], manifest["paused_layer"]),
-        "fullkv_float16_bytes": full,
-        "file_share_of_fullkv_float16": file_bytes / full,
-        **saved.stats.to_dict(),
-    }
-
-
-def check_query_aware(method: Method, query_budget: Budget | None, questions: list[str]) -> None:
-    """A query-aware build pauses where the method starts selecting by the question: fastkv's TSP layer."""
-    if not method.propagates:
-        raise InputError(f"--query-aware pauses at fastkv's TSP layer; --method {method.name} has none")
-    if questions or query_budget is not None:
-        given = "--questions" if questions else "--query-budget"
-        raise InputError(f"{given} does not apply to --query-aware: each question selects for itself")
-
-
-def resolve_query_aware(method: Method, query_budget: Budget | None, questions: list[str], asked: bool | None) -> bool:
-    """Whether a build pauses for each question to resume it (query-aware). Unsaid (None, `cache build`'s
-    default) it is query-aware wherever it can be, since its answers are `ask`'s: question-blind for a
-    method with no TSP layer, or when --query-budget or --questions select without each question."""
-    if asked is None:
-        return method.propagates and query_budget is None and not questions
-    if asked:
-        check_query_aware(method, query_budget, questions)
-    return asked
 
 
 def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
@@ -259,67 +175,53 @@ class Engine:
     def build(
         self,
         documents: list[Document],
-        method: Method,
-        query_budget: Budget | None,
-        questions: list[str] = (),
-        truncate: str | None = None,
-        reserved: int = QUESTION_RESERVE,
+        plan: BuildPlan,
         progress: Progress = no_progress,
-        cache_dtype: str = "float16",
-        ignore_memory: bool = False,
-        query_aware: bool = False,
+        reserved: int = QUESTION_RESERVE,
     ) -> SavedContext:
         """Prefill the documents without knowing the question, for a cache to save and query later.
 
-        With `questions`, they are appended for the prefill so their tokens are the scoring window
-        (they steer selection), then dropped from the cache. `query_budget` is what each query
-        re-selects the stored tokens down to, with its own question as the window (two-stage).
-        `query_aware`: pause the prefill at the layer from which `method` selects by the question
-        (fastkv's TSP layer), caching every token up to there; each query resumes it with `method`
-        and its own question, so it answers exactly as `ask` (a larger file, a longer query).
-        Memory is checked as in `ask`, including saving the cache in `cache_dtype`.
+        Steering questions (`plan.questions`) are appended for the prefill so their tokens are the scoring
+        window, then dropped from the cache. `plan.query_budget` is what each query re-selects the stored
+        tokens down to, with its own question as the window (two-stage). A query-aware plan pauses the
+        prefill at the layer from which its method selects by the question (fastkv's TSP layer), caching
+        every token up to there; each query resumes it with the method and its own question, so it answers
+        exactly as `ask` (a larger file, a longer query). Memory is checked as in `ask`, including saving
+        the cache in the plan's storage; `reserved` tokens of the window are left for a question and answer.
         """
-        if method.restarts:
-            raise InputError(
-                f"--method {method.name} re-prefills with new positions; a saved cache needs original positions"
-            )
-        if query_aware:
-            check_query_aware(method, query_budget, questions)
-        else:  # a query-aware cache keeps a question window for each question to resolve
-            method = method.for_question(None)
-        pause = method.pause_layer(self.runner.num_layers) if query_aware else None
+        method, truncate, storage = plan.method, plan.truncate, plan.storage
+        pause = method.pause_layer(self.runner.num_layers) if plan.query_aware else None
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
-        steering = [t for q in questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
-        guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
-        check_cache_dtype(cache_dtype, pause is not None)
+        steering = [t for q in plan.questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
+        guard = None if plan.ignore_memory else MemoryGuard.for_model(self.loaded.model)
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
-        most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=cache_dtype)
+        most = memory_room(guard, truncate, prefilled, len(steering), saved_dtype=storage)
         context = self.context(documents, min(reserved, self.loaded.context_window // 4), truncate, most)
         selection = prefilled.steered(len(context.ids), len(steering))
         if guard:
             tokens = len(context.ids) + len(steering)
-            guard.check(tokens, selection, saved_dtype=cache_dtype, truncating=truncate is not None)
+            guard.check(tokens, selection, saved_dtype=storage, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
         prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
         cache = prefill.cache.without_last(len(steering))
         stats.prefill_s = clock.lap()
-        stats.context_tokens, stats.dropped_tokens, stats.layer_tokens = (
-            len(context.ids),
-            context.dropped_tokens,
-            prefill.layer_tokens,
-        )
-        stats.dropped_tokens_estimated = context.dropped_estimated
+        stats.context_tokens, stats.dropped_tokens = len(context.ids), context.dropped_tokens
+        stats.dropped_tokens_estimated, stats.layer_tokens = context.dropped_estimated, prefill.layer_tokens
         self.record_cache(stats, cache)
-        manifest = {
+        return SavedContext(cache, self.manifest(documents, context, plan, pause), stats)
+
+    def manifest(self, documents: list[Document], context: Context, plan: BuildPlan, pause: int | None) -> dict:
+        """What a saved context records of its model, method, context and documents (the file adds its storage)."""
+        return {
             "fastkv_version": FASTKV_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": self.loaded.name, "spec": self.loaded.spec, **model_fingerprint(self.loaded)},
             "tokenizer_sha256": tokenizer_sha256(self.loaded.tokenizer),
-            "method": {"name": method.name, "parameters": method.parameters()},
-            "query_budget": None if query_budget is None else str(query_budget),
-            "steering_questions": len(questions),
+            "method": {"name": plan.method.name, "parameters": plan.method.parameters()},
+            "query_budget": None if plan.query_budget is None else str(plan.query_budget),
+            "steering_questions": len(plan.questions),
             "paused_layer": pause,
-            "policy": method.resolved(len(context.ids), self.runner.num_layers),
+            "policy": plan.method.resolved(len(context.ids), self.runner.num_layers),
             "context_tokens": len(context.ids),
             "dropped_tokens": context.dropped_tokens,
             "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},
@@ -330,7 +232,46 @@ class Engine:
                 )
             ],
         }
-        return SavedContext(cache, manifest, stats)
+
+    def build_file(
+        self,
+        documents: list[Document],
+        output: Path,
+        plan: BuildPlan,
+        overwrite: bool = False,
+        progress: Progress = no_progress,
+    ) -> BuiltCache:
+        """`cache build`: prefill the documents as `plan` says and write the cache to `output` atomically
+        (refused before any work if `output` exists and not `overwrite`)."""
+        check_target(output, overwrite)
+        saved = self.build(documents, plan, progress)
+        progress("saving", 0, 1)
+        start = time.perf_counter()
+        size = save_cache(output, saved.cache, saved.manifest, plan.storage, overwrite, self.runner)
+        progress("saving", 1, 1)
+        return BuiltCache(saved, output, size, time.perf_counter() - start, plan.storage)
+
+    def is_built(self, output: Path, documents: list[Document], plan: BuildPlan) -> bool:
+        """Whether `output` is a valid cache of these documents' bytes, built with this model, tokenizer, method,
+        parameters and storage (a damaged or foreign file is simply not)."""
+        if not output.is_file():
+            return False
+        try:
+            manifest = read_manifest(output)
+        except FastKVError:
+            return False
+        built = manifest["model"]
+        return (
+            [(d["name"], d["sha256"]) for d in manifest["documents"]] == [(doc.name, doc.sha256) for doc in documents]
+            and all(built.get(key) == value for key, value in model_fingerprint(self.loaded).items())
+            and manifest["tokenizer_sha256"] == tokenizer_sha256(self.loaded.tokenizer)
+            and manifest["method"] == {"name": plan.method.name, "parameters": plan.method.parameters()}
+            and manifest["query_budget"] == (None if plan.query_budget is None else str(plan.query_budget))
+            and manifest["steering_questions"] == len(plan.questions)
+            and (manifest["paused_layer"] is not None) == plan.query_aware
+            and manifest["dtype"] == plan.storage
+            and (manifest["dropped_tokens"] == 0 or plan.truncate is not None)
+        )
 
     def check_compatible(self, manifest: dict, path: str) -> None:
         """Refuse a cache built with another model or tokenizer, naming which."""

@@ -208,12 +208,7 @@ def ask(
     top_p: options.TopP = 1.0,
     seed: options.Seed = None,
     truncate: options.Truncate = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", "--ignore-memory", help="Prefill even when the memory estimate exceeds what the device has free."
-        ),
-    ] = False,
+    ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
     each: options.Each = False,
@@ -229,19 +224,16 @@ def ask(
       fastkv ask report.pdf "What was the revenue in 2023?"
       fastkv ask contracts/*.pdf "Who signs for the buyer?" --each --json
     """
-    from core.methods import make_method
+    from core.options import MethodOptions
 
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
-    selection = make_method(
-        method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window,
-        filter_layer=filter_layer,
-    )  # fmt: skip
+    selection = MethodOptions(method, budget, tsp_layer, tsp_rate, pooling, window, filter_layer).make()
     if each or ray:
         from core.corpus import AskTask
         from fastkv_cli.each import Corpus, Renderer, ask_records, document_items, run
 
         corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
-        task = AskTask(question, selection, decoding, truncate, ignore_memory=force)
+        task = AskTask(question, selection, decoding, truncate, ignore_memory)
         items = document_items(documents)
         renderer = Renderer(len(items), json, quiet, "documents", streams=True)
         loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
@@ -250,7 +242,7 @@ def ask(
     docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, max_new_tokens, truncate))
     with progress_reporter(quiet) as progress:
         on_text = (lambda text: None) if json else stream_to_stdout
-        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress, ignore_memory=force)
+        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress, ignore_memory)
     answer.stats.read_s = read_s
     show(answer, json, quiet)
 
@@ -319,53 +311,41 @@ def cache_build(
       fastkv cache build report.pdf -o small.fkv --question-blind --budget 10%
       fastkv cache build library/*.pdf --each -o caches/
     """
-    from core.engine import build_summary, resolve_query_aware
-    from core.methods import Budget, make_method
-    from core.store import check_cache_dtype, check_target, save_cache, storage_for
+    from core.options import BuildOptions, MethodOptions
+    from core.store import check_target
 
     if not (each or ray):
         check_target(output, force)
-    selection = make_method(
-        method, budget=budget, tsp_layer=tsp_layer, tsp_rate=tsp_rate, pooling=pooling, window=window
-    )
-    final_budget = None if query_budget is None else Budget.parse(query_budget, "--query-budget")
-    steering = read_questions(questions) if questions else []
-    query_aware = resolve_query_aware(selection, final_budget, steering, query_aware)
-    cache_dtype = storage_for(cache_dtype, query_aware)
-    check_cache_dtype(cache_dtype, query_aware)
-    if selection.restarts:
-        raise InputError(f"--method {method} re-prefills with new positions; a saved cache needs original positions")
+    plan = BuildOptions(
+        method=MethodOptions(method, budget, tsp_layer, tsp_rate, pooling, window),
+        query_budget=query_budget,
+        questions=tuple(read_questions(questions)) if questions else (),
+        query_aware=query_aware,
+        cache_dtype=cache_dtype,
+        truncate=truncate,
+        ignore_memory=ignore_memory,
+    ).resolve()
     if each or ray:
         from core.corpus import BuildTask, cache_targets
         from fastkv_cli.each import Corpus, Renderer, build_records, document_items, output_directory, run
 
         corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
-        task = BuildTask(
-            selection, final_budget, tuple(steering), truncate, cache_dtype, ignore_memory, query_aware, force
-        )
         directory = output_directory(output)  # workers elsewhere (Ray) need its absolute path
         items = document_items(documents, cache_targets(documents, directory.resolve() if ray else directory))
         renderer = Renderer(len(items), json, quiet, "caches to build", streams=False)
         loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
-        raise typer.Exit(run(corpus, task, items, loader, renderer, build_records))
+        raise typer.Exit(run(corpus, BuildTask(plan, force), items, loader, renderer, build_records))
     engine = load_engine(model, device, dtype, quiet)
     docs, read_s = read_inputs(documents, quiet, engine.build_limit(truncate))
     with progress_reporter(quiet) as progress:
-        saved = engine.build(
-            docs, selection, final_budget, steering, truncate, progress=progress, cache_dtype=cache_dtype,
-            ignore_memory=ignore_memory, query_aware=query_aware,
-        )  # fmt: skip
-        progress("saving", 0, 1)
-        start = time.perf_counter()
-        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, force, engine.runner)
-        progress("saving", 1, 1)
-    saved.stats.read_s = read_s
-    summary = build_summary(saved, str(output), size, time.perf_counter() - start, cache_dtype)
+        built = engine.build_file(docs, output, plan, force, progress)
+    built.saved.stats.read_s = read_s
+    summary = built.to_dict()
     if json:
         print_json(summary)
     if not quiet:
         stderr.print(build_table(summary))
-        stderr.print(f"wrote {output} ({size / (1 << 20):.1f} MiB)", highlight=False)
+        stderr.print(f"wrote {output} ({built.file_bytes / (1 << 20):.1f} MiB)", highlight=False)
 
 
 @cache_app.command("query", cls=PlainCommand)

@@ -1,5 +1,6 @@
-"""Corpus runs for the CLI (`ask --each`, `cache build --each`, `cache ask`): here or on Ray (core/corpus.py),
-rendered one document at a time: JSON lines or streamed answers on stdout, progress and a summary on stderr."""
+"""Corpus runs for the CLI (`ask --each`, `cache build --each`, `cache ask`): here (core/corpus.py) or on Ray
+(core/cluster.py), rendered one document at a time: JSON lines or streamed answers on stdout, progress and a
+summary on stderr."""
 
 import os
 import time
@@ -11,7 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from core.corpus import Item, Outcome, RayOptions, run_local, run_ray
+from core.cluster import RayOptions, run_ray
+from core.corpus import Item, Outcome, run_local
 from core.errors import InputError
 from fastkv_cli.help import LOCAL_RAY
 from fastkv_cli.render import print_json, stderr, stream_to_stdout

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from core import __version__
-from core.engine import Engine, build_summary, resolve_query_aware
+from core.engine import Engine
 from core.errors import FastKVError, InputError
 from core.generation import Decoding, Sampling
-from core.methods import DEFAULT_METHOD, Budget, make_method
-from core.store import check_cache_dtype, check_target, describe_cache, save_cache, storage_for
+from core.methods import DEFAULT_METHOD, Budget
+from core.options import BuildOptions, MethodOptions
+from core.store import check_target, describe_cache
 from fastkv_cli.service import (
     END,
     CacheLRU,
@@ -86,13 +87,17 @@ class MethodIn(Body):
     pooling: str | None = None
     window: int | None = None
 
+    def method_options(self) -> MethodOptions:
+        fields = ("budget", "tsp_layer", "tsp_rate", "pooling", "window", "filter_layer")
+        return MethodOptions(self.method, **{key: getattr(self, key, None) for key in fields})
+
 
 class AskIn(DecodingIn, MethodIn):
     documents: list[DocumentIn] = Field(min_length=1)
     question: str
     filter_layer: int | None = None
     truncate: str | None = None
-    force: bool = False  # the CLI's --force / --ignore-memory
+    ignore_memory: bool = False
 
 
 class BuildIn(ModelChoice, MethodIn):
@@ -105,6 +110,12 @@ class BuildIn(ModelChoice, MethodIn):
     cache_dtype: str | None = None  # None: the CLI's default (store.storage_for)
     truncate: str | None = None
     ignore_memory: bool = False
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(
+            self.method_options(), self.query_budget, tuple(self.questions), self.query_aware, self.cache_dtype,
+            self.truncate, self.ignore_memory,
+        )  # fmt: skip
 
 
 class QueryIn(DecodingIn):
@@ -157,40 +168,21 @@ class Service:
     # job bodies: run on the model worker, one at a time
 
     def ask(self, request: AskIn, readers: list[Callable], job: Job) -> None:
-        decoding = request.decoding()
-        selection = make_method(
-            request.method, budget=request.budget, tsp_layer=request.tsp_layer, tsp_rate=request.tsp_rate,
-            pooling=request.pooling, window=request.window, filter_layer=request.filter_layer,
-        )  # fmt: skip
         docs, read_s = read_all(readers, job)
         answer = self.engine.ask(
-            docs, request.question, selection, decoding, request.truncate, job.text, job.progress, request.force
-        )
+            docs, request.question, request.method_options().make(), request.decoding(), request.truncate, job.text,
+            job.progress, request.ignore_memory,
+        )  # fmt: skip
         answer.stats.read_s = read_s
         job.emit({"event": "answer", "answer": answer.to_dict()})
 
     def build(self, request: BuildIn, output: Path, readers: list[Callable], job: Job) -> None:
+        plan = request.build_options().resolve()
         check_target(output, request.force)
-        selection = make_method(
-            request.method, budget=request.budget, tsp_layer=request.tsp_layer, tsp_rate=request.tsp_rate,
-            pooling=request.pooling, window=request.window,
-        )  # fmt: skip
-        final_budget = None if request.query_budget is None else Budget.parse(request.query_budget, "--query-budget")
-        query_aware = resolve_query_aware(selection, final_budget, request.questions, request.query_aware)
-        cache_dtype = storage_for(request.cache_dtype, query_aware)
-        check_cache_dtype(cache_dtype, query_aware)
         docs, read_s = read_all(readers, job)
-        saved = self.engine.build(
-            docs, selection, final_budget, request.questions, request.truncate, progress=job.progress,
-            cache_dtype=cache_dtype, ignore_memory=request.ignore_memory, query_aware=query_aware,
-        )  # fmt: skip
-        job.progress("saving", 0, 1)
-        start = time.perf_counter()
-        size = save_cache(output, saved.cache, saved.manifest, cache_dtype, request.force, self.engine.runner)  # atomic
-        saved.stats.read_s = read_s
-        summary = build_summary(saved, str(output), size, time.perf_counter() - start, cache_dtype)
-        job.emit({"event": "progress", "step": "saving", "done": 1, "total": 1})
-        job.emit({"event": "result", "result": summary})
+        built = self.engine.build_file(docs, output, plan, request.force, job.progress)  # atomic
+        built.saved.stats.read_s = read_s
+        job.emit({"event": "result", "result": built.to_dict()})
 
     def query(self, request: QueryIn, path: Path, job: Job) -> None:
         decoding = request.decoding()

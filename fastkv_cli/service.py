@@ -127,7 +127,8 @@ class Job:
             self.emit({"event": "text", "text": text})
 
     def progress(self, step: str, done: int, total: int) -> None:
-        self.check()
+        if done < total or not total:  # a step's end is told without stopping: what it ends (a file written) is done
+            self.check()
         self.emit({"event": "progress", "step": step, "done": done, "total": total})
 
 

@@ -9,6 +9,7 @@ from core.documents import Document
 from core.engine import Engine
 from core.kvcache import KVCache
 from core.methods import Budget, make_method
+from core.options import BuildPlan
 from fastkv_cli.app import app
 
 
@@ -41,7 +42,7 @@ def build(engine: Engine, document: Document, budget: str = "50%", query_budget:
     """A saved context of `document` as `cache build` makes it, at a fixed window (query-aware files hold queries)."""
     method = make_method("fastkv", budget=budget, window=8)
     query = None if query_budget is None else Budget.parse(query_budget)
-    return engine.build([document], method, query, reserved=RESERVED, **kw)
+    return engine.build([document], BuildPlan(method, query, **kw), reserved=RESERVED)
 
 
 def make_document(pages: list[str], name: str = "harrow.txt") -> Document:

@@ -12,6 +12,7 @@ from core.kvcache import EMPTY, KVCache
 from core.methods import make_method
 from core.methods.adaptive import HEAD_CAP, HEAD_FLOOR, adaptive_top_tokens
 from core.models import load_model
+from core.options import BuildPlan
 from core.runner import Runner, per_head_mask
 from core.store import FORMAT_VERSION, load_cache, read_manifest, save_cache
 from tests.helpers import assert_one_line_error, assert_same_cache, fastkv, make_document, random_ids
@@ -141,7 +142,7 @@ PAGES = [" ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms
 @pytest.mark.parametrize("storage", ["float32", "int8"])
 def test_a_head_adaptive_cache_saves_loads_and_answers_as_in_memory(engine, tmp_path, storage):
     method = make_method("adakv", budget="20%", window=8)
-    saved = engine.build([make_document(PAGES)], method, None, reserved=128)
+    saved = engine.build([make_document(PAGES)], BuildPlan(method), reserved=128)
     assert any(layer.padded for layer in saved.cache.layers)
     path = tmp_path / "ada.fkv"
     save_cache(path, saved.cache, saved.manifest, storage)

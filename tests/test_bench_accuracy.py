@@ -14,6 +14,7 @@ from core.engine import Engine
 from core.generation import Decoding
 from core.methods import Budget, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
+from core.options import BuildPlan
 from core.prompt import PromptTemplate
 from core.runner import Runner
 from core.store import save_cache
@@ -268,7 +269,7 @@ def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
     for o in outcomes:
         method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
         aware = o.variant.mode == "query-aware"
-        saved = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
+        saved = tiny_engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
         assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
         asked = refs[tiny_items.index(o.item)].asked[o.variant.asked]  # ask's answer, same method and budget
         assert o.same_as_ask == (o.answer == asked), o.variant
@@ -285,7 +286,7 @@ def test_each_storage_dtype_answers_as_cache_build_then_cache_query(tiny_engine,
     for o in outcomes:
         method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
         aware = o.variant.mode == "query-aware"
-        built = tiny_engine.build([o.item.document], method, query_budget, reserved=64, query_aware=aware)
+        built = tiny_engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
         path = tmp_path / "c.fkv"
         save_cache(path, built.cache, built.manifest, o.variant.dtype, force=True)
         saved = tiny_engine.load_saved(path)
@@ -329,7 +330,7 @@ def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
     for name in ["snapkv", "streamingllm", "fastkv"]:
         method = make_method(name, budget="30%").for_question(None)  # a build has no question, as engine.build says
         saved = replay_build(tiny_engine.runner, *recording_for(method), method, Budget.parse("10%"))
-        built = tiny_engine.build(documents, method, Budget.parse("10%"), reserved=64)
+        built = tiny_engine.build(documents, BuildPlan(method, Budget.parse("10%")), reserved=64)
         assert_same_cache(saved.cache, built.cache)
         for key in ("method", "query_budget", "context_tokens", "template"):
             assert saved.manifest[key] == built.manifest[key]

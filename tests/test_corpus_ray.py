@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from core.corpus import AskTask, Item, RayOptions, run_ray
+from core.cluster import RayOptions, run_ray
+from core.corpus import AskTask, Item
 from core.generation import Decoding
 from core.methods import make_method
 from core.store import load_cache

@@ -19,6 +19,7 @@ from core.errors import CacheFileError
 from core.kvcache import EMPTY
 from core.methods import Budget, make_method
 from core.models import LoadedModel
+from core.options import BuildPlan
 from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
 from fastkv_cli.render import cache_info_view
 from tests.helpers import make_document
@@ -65,13 +66,13 @@ def sources(tiny_models, tiny_tokenizer, tmp_path_factory) -> list[bytes]:
         model = copy.deepcopy(tiny_models[family])
         model.resize_token_embeddings(len(tiny_tokenizer), mean_resizing=False)
         engine = Engine(LoadedModel(model, tiny_tokenizer, family, folder))
-        saved = engine.build(
-            documents[: 1 + i % 2],
+        plan = BuildPlan(
             make_method(method, **parameters),
             options.get("query_budget"),
-            options.get("questions", []),
+            tuple(options.get("questions", [])),
             query_aware=options.get("query_aware", False),
         )
+        saved = engine.build(documents[: 1 + i % 2], plan)
         path = folder / f"{i}.fkv"
         save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
         files.append(path.read_bytes())

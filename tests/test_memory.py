@@ -1,5 +1,5 @@
 """The memory estimate (core/memory.py) and the guard before a prefill: what it counts, that it refuses
-with both numbers and what would fit, that --force / --ignore-memory bypass it, and (slow) that it
+with both numbers and what would fit, that --ignore-memory bypasses it, and (slow) that it
 matches the peak RSS of a real prefill on CPU."""
 
 import importlib.util
@@ -211,12 +211,18 @@ def test_ask_refuses_a_prefill_that_does_not_fit_naming_both_numbers(doc, tiny_m
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("flag", ["--force", "--ignore-memory"])
-def test_ask_force_skips_the_memory_check(doc, tiny_model_folder, little_memory, flag):
-    result = fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path, "--max-new-tokens", 4, flag)
+def test_ask_ignore_memory_skips_the_memory_check(doc, tiny_model_folder, little_memory):
+    result = fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path, "--max-new-tokens", 4, "--ignore-memory")
 
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
+
+
+def test_ask_has_no_force_flag_since_force_means_overwrite(doc, tiny_model_folder):
+    result = fastkv("ask", doc, QUESTION, "--model", tiny_model_folder.path, "--force")
+
+    assert result.exit_code == 2
+    assert "--force" in result.stderr and result.stdout == ""
 
 
 def test_build_refuses_and_ignore_memory_builds(doc, tiny_model_folder, little_memory, tmp_path):

@@ -8,6 +8,7 @@ from core.engine import Engine
 from core.errors import InputError
 from core.methods import Budget, make_method
 from core.models import load_model
+from core.options import BuildPlan
 from core.runner import Runner
 from core.store import load_cache, read_manifest, save_cache
 from tests.helpers import assert_one_line_error, assert_same_cache, fastkv, make_document, random_ids
@@ -125,7 +126,7 @@ def engine(tiny_model_folder) -> Engine:
 @pytest.mark.parametrize("query_aware", [False, True])
 def test_a_saved_cache_records_its_policy_in_tokens(engine, tmp_path, query_aware):
     method = make_method("fastkv", budget="10%,64", tsp_rate="20%", window="question")
-    saved = engine.build([DOCUMENT], method, None, reserved=128, query_aware=query_aware)
+    saved = engine.build([DOCUMENT], BuildPlan(method, query_aware=query_aware), reserved=128)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
 

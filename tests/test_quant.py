@@ -359,11 +359,11 @@ def test_the_checksum_covers_the_codes_as_stored(quantized_file, tmp_path):
 
 
 def test_the_build_summary_keeps_its_keys_and_adds_the_storage(saved):
-    from core.engine import build_summary
+    from core.saved import BuiltCache
 
-    summary = build_summary(saved, "c.fkv", 1000, 0.5, "int4")
+    summary = BuiltCache(saved, Path("c.fkv"), 1000, 0.5, "int4").to_dict()
     assert {"output", "file_bytes", "save_s", "prefill_s", "kept_tokens_per_layer"} <= set(summary)
-    assert summary["kind"] == "one-stage" and summary["cache_dtype"] == "int4"
+    assert summary["kind"] == "question-blind" and summary["cache_dtype"] == "int4"
     assert summary["quantization"]["bits"] == 4
     assert summary["file_share_of_fullkv_float16"] == 1000 / summary["fullkv_float16_bytes"]
 

@@ -28,6 +28,7 @@ from core.engine import Engine
 from core.errors import DocumentError, InputError
 from core.methods import make_method
 from core.models import EMBEDDED_PACKAGE, converted_folder, load_model
+from core.options import BuildPlan
 from core.store import load_cache, save_cache
 from tests.helpers import assert_one_line_error, fastkv, make_document
 from tests.tiny_models import fastkv_command
@@ -308,7 +309,7 @@ def test_two_forced_builds_of_one_file_leave_one_complete_file(tiny_model_folder
 def test_two_saves_racing_for_a_new_path_without_force_write_once(tiny_model_folder, tmp_path, monkeypatch):
     """Both saves pass the existence check before either publishes: the hard link lets one win."""
     engine = Engine(load_model(str(tiny_model_folder.path), device="cpu"))
-    saved = engine.build([make_document([DOC_TEXT], "notes.txt")], make_method("fastkv"), None, reserved=128)
+    saved = engine.build([make_document([DOC_TEXT], "notes.txt")], BuildPlan(make_method("fastkv")), reserved=128)
     output = tmp_path / "shared.fkv"
     both_writing = threading.Barrier(2, timeout=30)
     real_write_all = core.atomic.write_all

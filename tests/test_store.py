@@ -18,6 +18,7 @@ from core.generation import Decoding
 from core.kvcache import EMPTY, KVCache
 from core.methods import Budget, make_method
 from core.models import LoadedModel
+from core.options import BuildPlan
 from core.prompt import encode_question
 from core.stats import RunStats
 from core.store import (
@@ -29,7 +30,7 @@ from core.store import (
     save_cache,
     tensors_sha256,
 )
-from tests.helpers import RESERVED, assert_bit_equal, assert_same_cache, build
+from tests.helpers import assert_bit_equal, assert_same_cache, build
 
 QUESTION = "When was the lighthouse automated?"
 OTHER_QUESTION = "Who designed the tower?"
@@ -140,7 +141,7 @@ def test_round_trip_for_every_model_family(tiny_model, tiny_tokenizer, document,
     model = copy.deepcopy(tiny_model)  # the session model is shared: resize a copy to the tokenizer
     model.resize_token_embeddings(len(tiny_tokenizer), mean_resizing=False)
     engine = Engine(LoadedModel(model, tiny_tokenizer, model.config.model_type, tmp_path))
-    saved = engine.build([document], make_method("fastkv", budget="30%"), None)
+    saved = engine.build([document], BuildPlan(make_method("fastkv", budget="30%")))
     path = tmp_path / "c.fkv"
 
     save_cache(path, saved.cache, saved.manifest, "float32")
@@ -155,7 +156,7 @@ def test_round_trip_for_every_model_family(tiny_model, tiny_tokenizer, document,
 
 
 @pytest.mark.parametrize(
-    "kind", [{}, {"query_budget": "20%"}, {"query_aware": True}], ids=["one-stage", "two-stage", "query-aware"]
+    "kind", [{}, {"query_budget": "20%"}, {"query_aware": True}], ids=["question-blind", "two-stage", "query-aware"]
 )
 def test_answer_from_a_loaded_cache_equals_the_in_memory_answer(engine, document, tmp_path, token_log, kind):
     saved = build(engine, document, **kind)
@@ -870,7 +871,7 @@ def test_query_aware_builds_that_cannot_be_are_refused(engine, document, kind, n
     query = Budget.parse(kind["query_budget"]) if "query_budget" in kind else None
 
     with pytest.raises(InputError, match=needle):
-        engine.build([document], method, query, kind.get("questions", []), reserved=RESERVED, query_aware=True)
+        BuildPlan(method, query, tuple(kind.get("questions", [])), query_aware=True)
 
 
 def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document):
@@ -898,7 +899,7 @@ def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document)
 
 def test_gemfilter_is_refused_by_build(engine, document):
     with pytest.raises(InputError, match="gemfilter"):
-        engine.build([document], make_method("gemfilter"), None, reserved=RESERVED)
+        BuildPlan(make_method("gemfilter"))
 
 
 def test_empty_slots_are_refused_in_a_file_older_than_version_5(cache_file, tmp_path):

@@ -9,6 +9,7 @@ from core.engine import Engine
 from core.generation import Decoding, generate
 from core.methods import Budget, PauseAfter, make_method
 from core.models import load_model
+from core.options import BuildPlan
 from core.runner import Runner
 from core.store import save_cache
 from tests.helpers import make_document, random_ids
@@ -83,9 +84,8 @@ def test_every_cache_kind_answers_with_any_window_and_query_aware_answers_as_ask
     options = dict(KINDS[kind])
     method = make_method("fastkv", budget=options.pop("budget", "20%"), window=window)
     query_budget = options.pop("query_budget", None)
-    saved = engine.build(
-        [DOCUMENT], method, None if query_budget is None else Budget.parse(query_budget), reserved=RESERVED, **options
-    )
+    query_budget = None if query_budget is None else Budget.parse(query_budget)
+    saved = engine.build([DOCUMENT], BuildPlan(method, query_budget, **options), reserved=RESERVED)
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
     loaded = engine.load_saved(path)

@@ -26,6 +26,7 @@ from core.engine import Engine, SavedContext
 from core.kvcache import KVCache
 from core.methods import Budget, LayerInput, Method, Selection
 from core.methods.fullkv import FullKV
+from core.options import BuildPlan
 from core.runner import Prefill, Runner
 
 R = TypeVar("R")
@@ -91,7 +92,7 @@ def record_build(
 ) -> tuple[SavedContext, Recording]:
     """engine.build(documents) propagating like `inner`, recorded: the saved context and its recording."""
     recorder = Recorder(inner, window)
-    saved = engine.build(documents, recorder, query_budget=None, reserved=reserved)
+    saved = engine.build(documents, BuildPlan(recorder), reserved=reserved)
     return saved, Recording(inner, saved.cache, recorder.windows, saved.stats.prefill_s)
 
 

@@ -1,0 +1,108 @@
+"""The options of `ask` and `cache build` as the user gives them, and a build resolved once from them: what the
+CLI, the server and corpus runs hand the engine."""
+
+from dataclasses import dataclass, field
+
+from core.errors import InputError
+from core.methods import DEFAULT_METHOD, Budget, Method, make_method
+from core.store import check_cache_dtype, storage_for
+
+QUERY_AWARE, TWO_STAGE, QUESTION_BLIND = "query-aware", "two-stage", "question-blind"  # the kinds of saved cache
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """--method and its parameters as given; None leaves a parameter at the method's default."""
+
+    name: str = DEFAULT_METHOD
+    budget: str | None = None
+    tsp_layer: int | None = None
+    tsp_rate: str | None = None
+    pooling: str | None = None
+    window: str | int | None = None
+    filter_layer: int | None = None
+
+    def make(self) -> Method:
+        parameters = {key: value for key, value in vars(self).items() if key != "name"}
+        return make_method(self.name, **parameters)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """`cache build`'s options as given; `resolve` checks them together and fills in the defaults."""
+
+    method: MethodOptions = field(default_factory=MethodOptions)
+    query_budget: str | None = None
+    questions: tuple[str, ...] = ()
+    query_aware: bool | None = None  # None: query-aware wherever the method can pause (BuildPlan.of)
+    cache_dtype: str | None = None  # None: the storage default of the kind (core/store.py: storage_for)
+    truncate: str | None = None
+    ignore_memory: bool = False
+
+    def resolve(self) -> "BuildPlan":
+        query_budget = None if self.query_budget is None else Budget.parse(self.query_budget, "--query-budget")
+        return BuildPlan.of(
+            self.method.make(), query_budget, self.questions, self.query_aware, self.cache_dtype, self.truncate,
+            self.ignore_memory,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A cache build, checked: the method as the file records it (a question-blind build's question window
+    resolved to what it scores with), what each query re-selects to, the steering questions, whether the
+    prefill pauses for each question to resume it, and the storage."""
+
+    method: Method
+    query_budget: Budget | None = None
+    questions: tuple[str, ...] = ()
+    query_aware: bool = False
+    storage: str = "float16"
+    truncate: str | None = None
+    ignore_memory: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "questions", tuple(self.questions))
+        if not self.query_aware:  # a query-aware cache keeps a question window for each question to resolve
+            object.__setattr__(self, "method", self.method.for_question(None))
+        if self.method.restarts:
+            raise InputError(
+                f"--method {self.method.name} re-prefills with new positions; a saved cache needs original positions"
+            )
+        if self.query_aware:
+            check_query_aware(self.method, self.query_budget, self.questions)
+        check_cache_dtype(self.storage, self.query_aware)
+
+    @classmethod
+    def of(
+        cls,
+        method: Method,
+        query_budget: Budget | None = None,
+        questions: tuple[str, ...] = (),
+        query_aware: bool | None = None,
+        storage: str | None = None,
+        truncate: str | None = None,
+        ignore_memory: bool = False,
+    ) -> "BuildPlan":
+        """The plan with its defaults filled in. Unsaid, a build is query-aware wherever it can be, since its
+        answers are `ask`'s: question-blind for a method with no TSP layer, or when `query_budget` or
+        `questions` select without each question. The storage defaults by kind (storage_for)."""
+        if query_aware is None:
+            query_aware = method.propagates and query_budget is None and not questions
+        storage = storage_for(storage, query_aware)
+        return cls(method, query_budget, questions, query_aware, storage, truncate, ignore_memory)
+
+    @property
+    def kind(self) -> str:
+        if self.query_aware:
+            return QUERY_AWARE
+        return QUESTION_BLIND if self.query_budget is None else TWO_STAGE
+
+
+def check_query_aware(method: Method, query_budget: Budget | None, questions: tuple[str, ...]) -> None:
+    """A query-aware build pauses where the method starts selecting by the question: fastkv's TSP layer."""
+    if not method.propagates:
+        raise InputError(f"--query-aware pauses at fastkv's TSP layer; --method {method.name} has none")
+    if questions or query_budget is not None:
+        given = "--questions" if questions else "--query-budget"
+        raise InputError(f"{given} does not apply to --query-aware: each question selects for itself")
