@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -26,6 +26,10 @@ from fastkv_cli.render import (
     stdout,
     stream_to_stdout,
 )
+
+if TYPE_CHECKING:  # the commands import core (and torch) only when they run
+    from core.generation import Decoding
+    from core.options import MethodOptions
 
 app = typer.Typer(
     help="Question answering over long documents with a compressed (FastKV) prefill.",
@@ -181,40 +185,27 @@ def read_inputs(paths: list[str], quiet: bool, limit):
     return documents, time.perf_counter() - start
 
 
-def decoding_options(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
-    from core.generation import Decoding, Sampling
-
-    return Decoding(max_new_tokens, Sampling(temperature, top_p, seed))
-
-
 @app.command(cls=PlainCommand)
 @one_line_errors
 @through_server("ask")
+@options.ask_selection_options
+@options.ray_options
+@options.decoding_options
 def ask(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
-    method: options.MethodName = "fastkv",
-    budget: options.Budget = None,
-    tsp_layer: options.TspLayer = None,
-    tsp_rate: options.TspRate = None,
-    pooling: options.Pooling = None,
-    window: options.Window = None,
-    filter_layer: options.FilterLayer = None,
     model: options.Model = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    temperature: options.Temperature = 0.0,
-    top_p: options.TopP = 1.0,
-    seed: options.Seed = None,
     truncate: options.Truncate = None,
     ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
     each: options.Each = False,
-    ray: options.Ray = None,
-    ray_workers: options.RayWorkers = None,
-    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
+    *,
+    selection: "MethodOptions",
+    decoding: "Decoding",
+    ray: options.RayChoice | None,
 ) -> None:
     """Answer QUESTION about the documents in one pass (the question steers what the cache keeps);
     with --each, about each document alone.
@@ -224,25 +215,22 @@ def ask(
       fastkv ask report.pdf "What was the revenue in 2023?"
       fastkv ask contracts/*.pdf "Who signs for the buyer?" --each --json
     """
-    from core.options import MethodOptions
-
-    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
-    selection = MethodOptions(method, budget, tsp_layer, tsp_rate, pooling, window, filter_layer).make()
+    method = selection.make()
     if each or ray:
         from core.corpus import AskTask
         from fastkv_cli.each import Corpus, Renderer, ask_records, document_items, run
 
-        corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
-        task = AskTask(question, selection, decoding, truncate, ignore_memory)
+        corpus = Corpus(model, device, dtype, ray)
+        task = AskTask(question, method, decoding, truncate, ignore_memory)
         items = document_items(documents)
         renderer = Renderer(len(items), json, quiet, "documents", streams=True)
         loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
         raise typer.Exit(run(corpus, task, items, loader, renderer, ask_records(question)))
     engine = load_engine(model, device, dtype, quiet)
-    docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, max_new_tokens, truncate))
+    docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, decoding.max_new_tokens, truncate))
     with progress_reporter(quiet) as progress:
         on_text = (lambda text: None) if json else stream_to_stdout
-        answer = engine.ask(docs, question, selection, decoding, truncate, on_text, progress, ignore_memory)
+        answer = engine.ask(docs, question, method, decoding, truncate, on_text, progress, ignore_memory)
     answer.stats.read_s = read_s
     show(answer, json, quiet)
 
@@ -250,6 +238,8 @@ def ask(
 @cache_app.command("build", cls=PlainCommand)
 @one_line_errors
 @through_server("cache_build")
+@options.selection_options
+@options.ray_options
 def cache_build(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     output: Annotated[
@@ -265,16 +255,10 @@ def cache_build(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite OUTPUT if it exists; with --each, rebuild up-to-date caches.")
     ] = False,
-    method: options.MethodName = "fastkv",
-    budget: options.Budget = None,
     query_budget: Annotated[
         str | None,
         typer.Option(help="Re-select down to this budget at query time with each question (two-stage)."),
     ] = None,
-    tsp_layer: options.TspLayer = None,
-    tsp_rate: options.TspRate = None,
-    pooling: options.Pooling = None,
-    window: options.Window = None,
     questions: Annotated[
         Path | None, typer.Option(help="A file of expected questions, one per line, to steer what is kept.")
     ] = None,
@@ -298,9 +282,9 @@ def cache_build(
     json: options.Json = False,
     quiet: options.Quiet = False,
     each: options.Each = False,
-    ray: options.Ray = None,
-    ray_workers: options.RayWorkers = None,
-    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
+    *,
+    selection: "MethodOptions",
+    ray: options.RayChoice | None,
 ) -> None:
     """Prefill the documents once and save the cache to OUTPUT for later `cache query`; with --each, one
     cache per document in the directory OUTPUT, skipping those already up to date.
@@ -311,13 +295,13 @@ def cache_build(
       fastkv cache build report.pdf -o small.fkv --question-blind --budget 10%
       fastkv cache build library/*.pdf --each -o caches/
     """
-    from core.options import BuildOptions, MethodOptions
+    from core.options import BuildOptions
     from core.store import check_target
 
     if not (each or ray):
         check_target(output, force)
     plan = BuildOptions(
-        method=MethodOptions(method, budget, tsp_layer, tsp_rate, pooling, window),
+        method=selection,
         query_budget=query_budget,
         questions=tuple(read_questions(questions)) if questions else (),
         query_aware=query_aware,
@@ -329,7 +313,7 @@ def cache_build(
         from core.corpus import BuildTask, cache_targets
         from fastkv_cli.each import Corpus, Renderer, build_records, document_items, output_directory, run
 
-        corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
+        corpus = Corpus(model, device, dtype, ray)
         directory = output_directory(output)  # workers elsewhere (Ray) need its absolute path
         items = document_items(documents, cache_targets(documents, directory.resolve() if ray else directory))
         renderer = Renderer(len(items), json, quiet, "caches to build", streams=False)
@@ -351,6 +335,7 @@ def cache_build(
 @cache_app.command("query", cls=PlainCommand)
 @one_line_errors
 @through_server("cache_query")
+@options.decoding_options
 def cache_query(
     cache_file: Annotated[Path, typer.Argument(help="A .fkv file from `fastkv cache build`.", show_default=False)],
     questions: Annotated[
@@ -368,12 +353,10 @@ def cache_query(
     ] = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    temperature: options.Temperature = 0.0,
-    top_p: options.TopP = 1.0,
-    seed: options.Seed = None,
     json: options.Json = False,
     quiet: options.Quiet = False,
+    *,
+    decoding: "Decoding",
 ) -> None:
     """Answer each question from the saved cache; the model and the cache load once.
 
@@ -384,7 +367,6 @@ def cache_query(
     from core.methods import Budget
     from core.store import read_manifest
 
-    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
     reselect = None if budget is None else Budget.parse(budget)
     manifest = read_manifest(cache_file)
     engine = load_engine(model or manifest["model"]["spec"], device, dtype, quiet)
@@ -396,6 +378,8 @@ def cache_query(
 
 @cache_app.command("ask", cls=PlainCommand)
 @one_line_errors
+@options.ray_options
+@options.decoding_options
 def cache_ask(
     targets: Annotated[
         list[str],
@@ -414,15 +398,11 @@ def cache_ask(
     ] = None,
     device: options.Device = None,
     dtype: options.Dtype = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    temperature: options.Temperature = 0.0,
-    top_p: options.TopP = 1.0,
-    seed: options.Seed = None,
     json: options.Json = False,
     quiet: options.Quiet = False,
-    ray: options.Ray = None,
-    ray_workers: options.RayWorkers = None,
-    ray_gpus_per_worker: options.RayGpusPerWorker = 0.0,
+    *,
+    decoding: "Decoding",
+    ray: options.RayChoice | None,
 ) -> None:
     """Ask every cache the question (or each question of --questions): one answer per cache and question.
     `cache query` asks one cache many questions; `cache ask` asks many caches.
@@ -444,10 +424,9 @@ def cache_ask(
     else:
         asked = tuple(read_questions(questions))
     files = cache_files(targets)
-    decoding = decoding_options(max_new_tokens, temperature, top_p, seed)
     task = QueryTask(asked, None if budget is None else Budget.parse(budget), decoding)
     model = model or first_model(files, read_manifest)
-    corpus = Corpus(model, device, dtype, ray, ray_workers, ray_gpus_per_worker)
+    corpus = Corpus(model, device, dtype, ray)
     items = [Item(i, path, target=os.path.abspath(path)) for i, path in enumerate(files)]
     renderer = Renderer(len(items), json, quiet, "caches", streams=True)
     loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731

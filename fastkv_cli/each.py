@@ -15,7 +15,7 @@ from rich.table import Table
 from core.cluster import RayOptions, run_ray
 from core.corpus import Item, Outcome, run_local
 from core.errors import InputError
-from fastkv_cli.help import LOCAL_RAY
+from fastkv_cli.options import RayChoice
 from fastkv_cli.render import print_json, stderr, stream_to_stdout
 
 
@@ -26,13 +26,10 @@ class Corpus:
     model: str | None
     device: str | None
     dtype: str | None
-    ray: str | None = None  # None: here; "local": a local runtime; else a cluster address
-    ray_workers: int | None = None
-    ray_gpus_per_worker: float = 0.0
+    ray: RayChoice | None = None  # None: here
 
     def ray_options(self) -> RayOptions:
-        address = None if self.ray == LOCAL_RAY else self.ray
-        return RayOptions(address, self.ray_workers, self.ray_gpus_per_worker)
+        return RayOptions(self.ray.address, self.ray.workers, self.ray.gpus_per_worker)
 
 
 @dataclass

@@ -1,8 +1,14 @@
-"""Options shared by several commands, as reusable Annotated aliases."""
+"""Options shared by several commands: reusable Annotated aliases, and groups of them passed as one value."""
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
+
+from fastkv_cli.help import LOCAL_RAY
 
 Model = Annotated[
     str | None,
@@ -91,3 +97,79 @@ RayWorkers = Annotated[
     int | None, typer.Option(min=1, help="Ray workers, each loading the model once [default: one per CPU or GPU].")
 ]
 RayGpusPerWorker = Annotated[float, typer.Option(min=0.0, help="GPUs each Ray worker takes (GPU clusters).")]
+
+
+# --- option groups: several options a command takes together, passed to it as one value ----------------
+
+
+def option_group(name: str, make: Callable[..., object], options: dict[str, tuple[object, object]], last=False):
+    """A decorator giving a command the Typer options `options` (name -> (Annotated type, default)), before its
+    own (`last`: after them), and passing their values to it as the one argument `name`: make(**values). The decorators
+    above it (--server's) still see each option by its own name."""
+    added = [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for key, (kind, default) in options.items()
+    ]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {key: kwargs.pop(key) for key in options}
+            return command(*args, **kwargs, **{name: make(**values)})
+
+        signature = inspect.signature(command)
+        kept = [parameter for parameter in signature.parameters.values() if parameter.name != name]
+        arguments = [p for p in kept if p.default is p.empty and p.kind is not p.KEYWORD_ONLY]
+        rest = [p.replace(kind=p.KEYWORD_ONLY) for p in kept if p not in arguments]
+        ordered = [*arguments, *rest, *added] if last else [*arguments, *added, *rest]  # as --help lists them
+        wrapper.__signature__ = signature.replace(parameters=ordered)
+        wrapper.__annotations__ = {  # what Typer reads the options' types from
+            **{key: value for key, value in command.__annotations__.items() if key != name},
+            **{key: kind for key, (kind, _) in options.items()},
+        }
+        return wrapper
+
+    return decorate
+
+
+def method_options(method: str, **parameters):
+    from core.options import MethodOptions
+
+    return MethodOptions(method, **parameters)
+
+
+def decoding(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from core.generation import Decoding, Sampling
+
+    return Decoding(max_new_tokens, Sampling(temperature, top_p, seed))
+
+
+@dataclass(frozen=True)
+class RayChoice:
+    """--ray and its settings: run on Ray workers at `address` (None: a local runtime)."""
+
+    address: str | None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+
+
+def ray_choice(ray: str | None, ray_workers: int | None, ray_gpus_per_worker: float) -> RayChoice | None:
+    if ray is None:
+        return None
+    return RayChoice(None if ray == LOCAL_RAY else ray, ray_workers, ray_gpus_per_worker)
+
+
+SELECTION = {
+    "method": (MethodName, "fastkv"),
+    "budget": (Budget, None),
+    "tsp_layer": (TspLayer, None),
+    "tsp_rate": (TspRate, None),
+    "pooling": (Pooling, None),
+    "window": (Window, None),
+}
+DECODING = {"max_new_tokens": (MaxNewTokens, 256), "temperature": (Temperature, 0.0), "top_p": (TopP, 1.0)}
+RAY = {"ray": (Ray, None), "ray_workers": (RayWorkers, None), "ray_gpus_per_worker": (RayGpusPerWorker, 0.0)}
+selection_options = option_group("selection", method_options, SELECTION)
+ask_selection_options = option_group("selection", method_options, {**SELECTION, "filter_layer": (FilterLayer, None)})
+decoding_options = option_group("decoding", decoding, {**DECODING, "seed": (Seed, None)}, last=True)
+ray_options = option_group("ray", ray_choice, RAY, last=True)
