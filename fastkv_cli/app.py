@@ -502,7 +502,8 @@ def serve(
     Example:
       fastkv serve --port 8765   # then: fastkv ask DOC QUESTION --server auto
     """
-    from fastkv_cli.serve import LOCAL_HOSTS, Settings, listening_socket, serve_forever
+    from fastkv_cli.server.app import LOCAL_HOSTS, listening_socket, serve_forever
+    from fastkv_cli.server.settings import Settings
 
     settings = Settings.of(allow_dir or [Path.cwd()], token, queue, cache_memory_mb, max_upload_mb)
     if host not in LOCAL_HOSTS:

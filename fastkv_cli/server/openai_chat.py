@@ -13,21 +13,14 @@ import json
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fastkv_cli.serve import (
-    CLIENT_LEFT,
-    AskIn,
-    DocumentIn,
-    QueryIn,
-    Service,
-    error_response,
-    events_after,
-    run_job,
-)
-from fastkv_cli.service import RequestError
+from fastkv_cli.server.jobs import RequestError
+from fastkv_cli.server.schemas import AskIn, DocumentIn, QueryIn
+from fastkv_cli.server.service import Service
+from fastkv_cli.server.streaming import CLIENT_LEFT, error_response, events_after, run_job
 
 DOCUMENT_ROLES = ("user", "assistant")
 
@@ -134,7 +127,9 @@ def usage(answer: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def add_routes(app: FastAPI, service: Service) -> None:
+def openai_routes(service: Service) -> APIRouter:
+    router = APIRouter()
+
     def work_for(chat: ChatIn):
         try:
             return fastkv_request(chat)
@@ -159,15 +154,15 @@ def add_routes(app: FastAPI, service: Service) -> None:
         readers = service.documents(request.documents)
         return request, lambda job: service.ask(request, readers, job)
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models():
         name = service.engine.loaded.name
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "fastkv"}]}
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(chat: ChatIn, request: Request):
         fields, work = work_for(chat)
-        job, first = await run_job(service, request, work)
+        job, first = await run_job(service.queue, request, work)
         if first is None:
             return Response(status_code=CLIENT_LEFT)
         if first["event"] == "error":
@@ -202,3 +197,5 @@ def add_routes(app: FastAPI, service: Service) -> None:
             "usage": usage(answer),
             "fastkv": answer,
         })  # fmt: skip
+
+    return router
