@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -166,12 +167,12 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_engine(model, device, dtype, quiet: bool):
+def load_engine(spec: options.ModelSpec, quiet: bool):
     from core.engine import Engine
 
     quiet_transformers()
     with progress_reporter(quiet) as progress:
-        return Engine.load(model, device, dtype, progress)
+        return Engine.load(spec.model, spec.device, spec.dtype, progress)
 
 
 def read_inputs(paths: list[str], quiet: bool, limit):
@@ -191,18 +192,17 @@ def read_inputs(paths: list[str], quiet: bool, limit):
 @options.ask_selection_options
 @options.ray_options
 @options.decoding_options
+@options.model_options
 def ask(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
-    model: options.Model = None,
-    device: options.Device = None,
-    dtype: options.Dtype = None,
     truncate: options.Truncate = None,
     ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
     each: options.Each = False,
     *,
+    spec: options.ModelSpec,
     selection: "MethodOptions",
     decoding: "Decoding",
     ray: options.RayChoice | None,
@@ -220,13 +220,13 @@ def ask(
         from core.corpus import AskTask
         from fastkv_cli.each import Corpus, Renderer, ask_records, document_items, run
 
-        corpus = Corpus(model, device, dtype, ray)
+        corpus = Corpus(spec, ray)
         task = AskTask(question, method, decoding, truncate, ignore_memory)
         items = document_items(documents)
         renderer = Renderer(len(items), json, quiet, "documents", streams=True)
-        loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+        loader = lambda: load_engine(spec, quiet)  # noqa: E731
         raise typer.Exit(run(corpus, task, items, loader, renderer, ask_records(question)))
-    engine = load_engine(model, device, dtype, quiet)
+    engine = load_engine(spec, quiet)
     docs, read_s = read_inputs(documents, quiet, engine.ask_limit(question, decoding.max_new_tokens, truncate))
     with progress_reporter(quiet) as progress:
         on_text = (lambda text: None) if json else stream_to_stdout
@@ -240,6 +240,7 @@ def ask(
 @through_server("cache_build")
 @options.selection_options
 @options.ray_options
+@options.model_options
 def cache_build(
     documents: Annotated[list[str], typer.Argument(help="Text or PDF files; '-' reads stdin.", show_default=False)],
     output: Annotated[
@@ -274,15 +275,13 @@ def cache_build(
         ),
     ] = None,
     cache_dtype: options.CacheDtype = None,
-    model: options.Model = None,
-    device: options.Device = None,
-    dtype: options.Dtype = None,
     truncate: options.Truncate = None,
     ignore_memory: options.IgnoreMemory = False,
     json: options.Json = False,
     quiet: options.Quiet = False,
     each: options.Each = False,
     *,
+    spec: options.ModelSpec,
     selection: "MethodOptions",
     ray: options.RayChoice | None,
 ) -> None:
@@ -313,13 +312,13 @@ def cache_build(
         from core.corpus import BuildTask, cache_targets
         from fastkv_cli.each import Corpus, Renderer, build_records, document_items, output_directory, run
 
-        corpus = Corpus(model, device, dtype, ray)
+        corpus = Corpus(spec, ray)
         directory = output_directory(output)  # workers elsewhere (Ray) need its absolute path
         items = document_items(documents, cache_targets(documents, directory.resolve() if ray else directory))
         renderer = Renderer(len(items), json, quiet, "caches to build", streams=False)
-        loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+        loader = lambda: load_engine(spec, quiet)  # noqa: E731
         raise typer.Exit(run(corpus, BuildTask(plan, force), items, loader, renderer, build_records))
-    engine = load_engine(model, device, dtype, quiet)
+    engine = load_engine(spec, quiet)
     docs, read_s = read_inputs(documents, quiet, engine.build_limit(truncate))
     with progress_reporter(quiet) as progress:
         built = engine.build_file(docs, output, plan, force, progress)
@@ -336,6 +335,7 @@ def cache_build(
 @one_line_errors
 @through_server("cache_query")
 @options.decoding_options
+@options.built_with_options
 def cache_query(
     cache_file: Annotated[Path, typer.Argument(help="A .fkv file from `fastkv cache build`.", show_default=False)],
     questions: Annotated[
@@ -348,14 +348,10 @@ def cache_query(
             "the budget each question finishes the prefill with [default: the file's]."
         ),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="The model the cache was built with [default: from the file].")
-    ] = None,
-    device: options.Device = None,
-    dtype: options.Dtype = None,
     json: options.Json = False,
     quiet: options.Quiet = False,
     *,
+    spec: options.ModelSpec,
     decoding: "Decoding",
 ) -> None:
     """Answer each question from the saved cache; the model and the cache load once.
@@ -369,7 +365,7 @@ def cache_query(
 
     reselect = None if budget is None else Budget.parse(budget)
     manifest = read_manifest(cache_file)
-    engine = load_engine(model or manifest["model"]["spec"], device, dtype, quiet)
+    engine = load_engine(replace(spec, model=spec.model or manifest["model"]["spec"]), quiet)
     saved = engine.load_saved(cache_file)
     for question in questions or stdin_questions():
         on_text = (lambda text: None) if json else stream_to_stdout
@@ -380,6 +376,7 @@ def cache_query(
 @one_line_errors
 @options.ray_options
 @options.decoding_options
+@options.built_with_options
 def cache_ask(
     targets: Annotated[
         list[str],
@@ -393,14 +390,10 @@ def cache_ask(
     budget: Annotated[
         str | None, typer.Option(help="As for `cache query`: re-select to this budget with each question.")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="The model the caches were built with [default: the first's].")
-    ] = None,
-    device: options.Device = None,
-    dtype: options.Dtype = None,
     json: options.Json = False,
     quiet: options.Quiet = False,
     *,
+    spec: options.ModelSpec,
     decoding: "Decoding",
     ray: options.RayChoice | None,
 ) -> None:
@@ -425,11 +418,11 @@ def cache_ask(
         asked = tuple(read_questions(questions))
     files = cache_files(targets)
     task = QueryTask(asked, None if budget is None else Budget.parse(budget), decoding)
-    model = model or first_model(files, read_manifest)
-    corpus = Corpus(model, device, dtype, ray)
+    spec = replace(spec, model=spec.model or first_model(files, read_manifest))
+    corpus = Corpus(spec, ray)
     items = [Item(i, path, target=os.path.abspath(path)) for i, path in enumerate(files)]
     renderer = Renderer(len(items), json, quiet, "caches", streams=True)
-    loader = lambda: load_engine(model, device, dtype, quiet)  # noqa: E731
+    loader = lambda: load_engine(spec, quiet)  # noqa: E731
     raise typer.Exit(run(corpus, task, items, loader, renderer, query_records(asked)))
 
 
@@ -467,14 +460,12 @@ def cache_info(
 
 @app.command(cls=PlainCommand)
 @one_line_errors
+@options.model_options
 def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on; anything but localhost is reachable by others.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8765,
-    model: options.Model = None,
-    device: options.Device = None,
-    dtype: options.Dtype = None,
     allow_dir: Annotated[
         list[Path] | None,
         typer.Option(
@@ -495,6 +486,8 @@ def serve(
         int, typer.Option(min=1, help="Largest request body, uploaded documents included (MiB).")
     ] = 32,
     quiet: options.Quiet = False,
+    *,
+    spec: options.ModelSpec,
 ) -> None:
     """Keep one model loaded and answer over HTTP: ask, cache build/query/info, OpenAI chat completions.
 
@@ -513,7 +506,7 @@ def serve(
             highlight=False,
         )
     sock = listening_socket(host, port)  # a port in use fails now, not after the model loads
-    engine = load_engine(model, device, dtype, quiet)
+    engine = load_engine(spec, quiet)
     loaded = engine.loaded
 
     def announce(url: str) -> None:

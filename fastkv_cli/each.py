@@ -15,7 +15,7 @@ from rich.table import Table
 from core.cluster import RayOptions, run_ray
 from core.corpus import Item, Outcome, run_local
 from core.errors import InputError
-from fastkv_cli.options import RayChoice
+from fastkv_cli.options import ModelSpec, RayChoice
 from fastkv_cli.render import print_json, stderr, stream_to_stdout
 
 
@@ -23,9 +23,7 @@ from fastkv_cli.render import print_json, stderr, stream_to_stdout
 class Corpus:
     """How to run the items: the model (loaded here, or by each Ray worker) and Ray's settings, if any."""
 
-    model: str | None
-    device: str | None
-    dtype: str | None
+    spec: ModelSpec
     ray: RayChoice | None = None  # None: here
 
     def ray_options(self) -> RayOptions:
@@ -137,7 +135,7 @@ def run(corpus: Corpus, task, items: list[Item], engine_loader, renderer: Render
             run_local(engine, task, items, on_outcome, renderer.on_start, on_text if streamed else (lambda t: None))
         else:
             renderer.streams = False
-            spec = (corpus.model, corpus.device, corpus.dtype)
+            spec = (corpus.spec.model, corpus.spec.device, corpus.spec.dtype)
             on_outcome = lambda outcome: renderer.on_outcome(outcome, records_of(outcome), False)  # noqa: E731
             run_ray(corpus.ray_options(), spec, task, items, on_outcome, read_bytes=items_are_documents(task))
     finally:

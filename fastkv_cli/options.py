@@ -145,6 +145,15 @@ def decoding(max_new_tokens: int, temperature: float, top_p: float, seed: int | 
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """--model, --device and --dtype: which model to load and where (None: the defaults)."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
 class RayChoice:
     """--ray and its settings: run on Ray workers at `address` (None: a local runtime)."""
 
@@ -173,3 +182,10 @@ selection_options = option_group("selection", method_options, SELECTION)
 ask_selection_options = option_group("selection", method_options, {**SELECTION, "filter_layer": (FilterLayer, None)})
 decoding_options = option_group("decoding", decoding, {**DECODING, "seed": (Seed, None)}, last=True)
 ray_options = option_group("ray", ray_choice, RAY, last=True)
+DEVICE = {"device": (Device, None), "dtype": (Dtype, None)}
+model_options = option_group("spec", ModelSpec, {"model": (Model, None), **DEVICE}, last=True)
+BuiltWith = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="The model the cache was built with [default: the one the file names]."),
+]
+built_with_options = option_group("spec", ModelSpec, {"model": (BuiltWith, None), **DEVICE}, last=True)
