@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core import __version__ as FASTKV_VERSION
-from core.documents import Document, TokenLimit
+from core.documents import Document
 from core.errors import CacheFileError, ContextOverflowError, FastKVError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
@@ -24,6 +24,7 @@ from core.runner import Runner
 from core.saved import BuiltCache, SavedContext, manifest_pages_used, query_method
 from core.stats import RunStats, Stopwatch
 from core.store import check_target, load_cache, read_manifest, save_cache
+from core.token_limit import TokenLimit
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import core.documents
-from core.documents import CHUNK_BYTES, TokenLimit, TokenTally, read_document, read_documents
+from core.documents import CHUNK_BYTES, read_document, read_documents
 from core.engine import Engine
 from core.errors import ContextOverflowError, DocumentError
 from core.models import load_model
+from core.token_limit import TokenLimit, TokenTally
 from tests.helpers import assert_one_line_error, fastkv
 from tests.pdfs import make_text_pdf
 from tests.tiny_models import fastkv_command
