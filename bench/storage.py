@@ -33,11 +33,12 @@ from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
 
-from core.engine import Engine, SavedContext, fullkv_file_bytes
+from core.engine import Engine
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
 from core.options import BuildPlan
 from core.quant import CODE_WIDTHS, HIDDEN_BITS
+from core.saved import SavedContext, fullkv_file_bytes
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
