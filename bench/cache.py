@@ -1,4 +1,4 @@
-"""Saved caches, the candidates for `cache build`'s default (#13): file size, load time and query time to
+"""Saved caches, each kind `cache build` can write: file size, load time and query time to
 first token per kind of cache and storage dtype, against re-running a fullkv prefill with the question.
 
 python bench/cache.py [--tokens N ...] [--repeats 3] [--budget B] [--stored S] [--fresh-process]
@@ -9,10 +9,11 @@ Kinds, each at `ask`'s default budget (fastkv's own, 30%,2048) unless --budget s
 - question-blind: fastkv at the budget, built without the question (`cache build --question-blind`);
 - two-stage: fastkv at --stored (default: 3× the budget, capped at 100%, as bench/accuracy.py builds it),
   each query re-selects down to the budget with its own question (`cache build --query-budget`);
-- query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`cache build`'s default since #13);
+- query-aware: paused at fastkv's TSP layer, each query resumes it as `ask` would (`cache build`'s default);
 - every token: fullkv's cache, each query re-selects down to the budget with its own question
   (`--method fullkv --query-budget`: SnapKV's answer, a question prefill of only its own tokens).
-Each is saved as float16 and in every quantized dtype (int8, int6, int4). Each length's table is printed,
+Each is saved as float16 and in every quantized dtype (int8, int6, int4), the query-aware one also coded
+(the default storage). Each length's table is printed,
 and written to docs/benchmarks.md, as soon as it is complete: a run stopped early keeps the lengths it
 finished.
 """
@@ -40,13 +41,13 @@ from core.quant import BITS
 from core.store import CODED, decoded, dequantized, load_cache, save_cache
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
-MODEL_TOKENS = [8192, 16384]  # any other model (#13: 8K and 16K on the benchmark model)
+MODEL_TOKENS = [8192, 16384]  # any other model (the targets are judged at 8K on the benchmark model)
 DEFAULT_REPEATS = 3
 QUESTION = "How long does a licensee have to cure a violation after being notified?"
 FIRST_TOKEN = Decoding(max_new_tokens=1)
 STORAGE = ("float16", *BITS)  # float16, then every quantized dtype `cache build` offers; and coded, query-aware
 REPREFILL = "fullkv re-prefill"
-# #13: the file ≤ 20% of the float16 fullkv file; query TTFT ≥ 8× faster than a fullkv re-prefill (at 8K
+# the default's targets: the file ≤ 20% of the float16 fullkv file; query TTFT ≥ 8× faster than a fullkv re-prefill (at 8K
 # on the benchmark model); cache load ≤ 0.5 s (at 7.5K on the embedded model)
 TARGETS = {"size_share": 0.20, "speedup": 8.0, "cache_load_s": 0.5}
 
@@ -113,7 +114,7 @@ def load(engine: Engine, path: Path) -> None:
 
 
 def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object], Callable[[], object] | None]:
-    """#13 item 2, the two ways to hold a loaded cache between questions: de-quantized (what load_cache
+    """The two ways to hold a loaded cache between questions: de-quantized (what load_cache
     does) or as stored, de-quantizing a fresh copy for each question -> (bytes de-quantized, bytes as
     stored, each question's copy one way, the other way; None for a float file)."""
     cache, manifest = load_cache(path, engine.loaded.device, engine.loaded.dtype, engine.runner)
@@ -227,14 +228,14 @@ def length_table(rows: list[Row], reprefill_s: float, tokens: int, model: str, b
         "interleaved runs. Held: the loaded cache kept between questions, de-quantized (what cache query and the "
         "server do) or as stored; per question: the fresh copy each question starts from, a copy of the "
         "de-quantized cache or de-quantizing the stored tensors with store.dequantized, its per-tensor checks "
-        "included (#13: keep whichever is leaner and not slower)."
+        "included."
         + (" Fresh process: `python -m fastkv_cli cache query FILE Q --max-new-tokens 1` wall time." if fresh else "")
     )
     return table
 
 
 def verdicts(rows: list[Row], tokens: int) -> list[str]:
-    """#13's targets per candidate (every kind but fullkv, in every dtype): PASS when it meets all three."""
+    """The targets per candidate (every kind but fullkv, in every dtype): PASS when it meets all three."""
     lines = []
     for row in rows:
         if row.kind == "fullkv":
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 reduced = f"{reduced}; {unfinished}" if reduced else unfinished
             notes = [
-                f"#13's targets: file ≤ {100 * TARGETS['size_share']:.0f}% of the float16 fullkv file; query TTFT "
+                f"Targets: file ≤ {100 * TARGETS['size_share']:.0f}% of the float16 fullkv file; query TTFT "
                 f"≥ {TARGETS['speedup']:g}× faster than a fullkv re-prefill (judged at 8K on the benchmark model); "
                 f"cache load ≤ {TARGETS['cache_load_s']} s (at 7.5K on the embedded model). Each length is judged "
                 "by all three.",

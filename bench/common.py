@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: real-text prompts, interleaved timing, peak memory, tables, docs/benchmarks.md."""
+"""Shared benchmark helpers: real-text prompts, interleaved timing, peak memory, tables, docs/benchmarks.md and
+the raw files (plots, per-item answers) under docs/results/."""
 
 import argparse
 import ctypes
@@ -25,6 +26,7 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.md"
+RAW = ROOT / "docs" / "results"  # every plot and per-item answers file, linked from RESULTS
 TEXTS = ROOT / "bench" / "texts"
 FIRST_TEXT = "gpl-3.0.txt"  # the longest text leads, so most prompts are one coherent document
 MIB = 1 << 20
@@ -205,8 +207,9 @@ class Table:
 
 @dataclass(frozen=True)
 class Report:
-    """Where a benchmark's results go for one model: its docs/benchmarks.md section and its plot. The
-    embedded model's keep the plain names; any other model's carry its name, so both stay side by side."""
+    """Where a benchmark's results go for one model: its docs/benchmarks.md section and its plot under
+    docs/results/ (a raw answers file goes beside it, `plot.with_suffix(".json")`). The embedded model's keep
+    the plain names; any other model's carry its name, so both stay side by side."""
 
     section: str
     heading: str
@@ -215,10 +218,15 @@ class Report:
     @classmethod
     def of(cls, name: str, heading: str, spec: str | None) -> "Report":
         if spec is None:
-            return cls(name, heading, ROOT / "docs" / f"{name}.png")
+            return cls(name, heading, RAW / f"{name}.png")
         model = Path(spec).name.removesuffix(".gguf")
         slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-        return cls(f"{name}-{slug}", f"{heading}: {model}", ROOT / "docs" / f"{name}-{slug}.png")
+        return cls(f"{name}-{slug}", f"{heading}: {model}", RAW / f"{name}-{slug}.png")
+
+
+def link(path: Path) -> str:
+    """`path` as docs/benchmarks.md links to it (relative to that file, e.g. results/speed.png)."""
+    return path.relative_to(RESULTS.parent).as_posix()
 
 
 def write_section(

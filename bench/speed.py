@@ -3,7 +3,7 @@
 python bench/speed.py [--lengths 2048 4096 7680] [--repeats 3] [--budget 10%] [--methods ...] [--model M]
     [--no-write]
 
-Another --model gets its own section of docs/benchmarks.md and its own plot, beside the embedded model's.
+Another --model gets its own section of docs/benchmarks.md and its own plot (docs/results/), beside the embedded model's.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from common import (
     device_sync,
     hf_logits,
     interleaved,
+    link,
     medians,
     prompt_ids,
     reduced_run,
@@ -108,7 +109,7 @@ def row(r: LengthResult, name: str) -> list[str]:
 
 
 # fastkv's prefill speed-up over fullkv: the paper's regime at a 10% budget (DESIGN.md), and the
-# accuracy-first default's targets at 8K and 16K tokens (issue #12); other budgets have no target.
+# default budget's targets at 8K and 16K tokens; other budgets have no target.
 PREFILL_TARGETS = {"10%": {None: 1.6}, "30%,2048": {8192: 1.3, 16384: 1.5}}
 
 
@@ -172,7 +173,7 @@ def speed_table(engine: Engine, results: list[LengthResult], args, idle_mib: flo
 
 def section_body(table: Table, verdicts: list[str], plot_path: Path) -> str:
     targets = ["Targets:", "", *[f"- {verdict}" for verdict in verdicts]]
-    plot_link = f"![Prefill seconds against context length per method]({plot_path.name})"
+    plot_link = f"![Prefill seconds against context length per method]({link(plot_path)})"
     return "\n".join([table.markdown(), *targets, "", plot_link, ""])
 
 
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tag", type=tag, help="write a focused run (e.g. another budget) to its own section and plot")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing under docs/")
     args = parser.parse_args()
     engine = Engine.load(args.model, args.device)
     if max(args.lengths) > engine.loaded.context_window:

@@ -11,10 +11,10 @@ Each document is built once, paused at fastkv's TSP layer as `cache build` does,
 go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
-stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept with #13's
-two bars. On `--half tuning` it prints the choice of a rule fixed before any run: the smallest storage that
+stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept, with the two
+targets (`ask`'s answer on ≥ 90% of the questions, a file ≤ 20%). On `--half tuning` it prints the choice of a rule fixed before any run: the smallest storage that
 keeps `ask`'s answer on at least 90% of the questions; report the choice's held-out numbers with
-bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that bar.
+bench/accuracy.py. On the held-out half it chooses nothing and lists the storages that meet that target.
 `--documents` asks only those documents' questions (paths as bench/tasks/docqa.jsonl names them). `--from-raw`
 runs nothing: it renders the answers file a run with the same options wrote.
 """
@@ -27,21 +27,22 @@ from pathlib import Path
 import torch
 from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
 from cache import TARGETS as CACHE_TARGETS
-from common import Report, Table, reduced_run, tag, write_atomic, write_section
+from common import Report, Table, link, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
 from tasks import HALVES, docqa
 from tasks.scoring import score
 
-from core.engine import Engine, SavedContext, fullkv_file_bytes
+from core.engine import Engine
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
 from core.options import BuildPlan
 from core.quant import CODE_WIDTHS, HIDDEN_BITS
+from core.saved import SavedContext, fullkv_file_bytes
 from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
-FILE_TARGET = 100 * CACHE_TARGETS["size_share"]  # #13's file bar, in % of the float16 fullkv file
+FILE_TARGET = 100 * CACHE_TARGETS["size_share"]  # the file target, in % of the float16 fullkv file
 MAX_NEW_TOKENS = 24
 
 
@@ -151,7 +152,7 @@ def table(results: list[Result], records: list[dict]) -> Table:
 
 def choice(results: list[Result], half: str) -> str:
     """On the tuning half, the rule fixed before the run: the smallest storage keeping ask's answer on ≥ 90%
-    of the questions. The held-out half reports which storages meet that bar and chooses nothing."""
+    of the questions. The held-out half reports which storages meet that target and chooses nothing."""
     kept = sorted((r for r in results if r.keeps_answers), key=lambda r: r.share)
     if half == "tuning":
         return f"smallest storage with ≥ 90% of ask's answers: {kept[0].storage.label if kept else 'none'}"
@@ -160,7 +161,7 @@ def choice(results: list[Result], half: str) -> str:
 
 
 def plot(results: list[Result], title: str, path: Path) -> None:
-    """Each storage's file share against the answers it keeps as `ask`'s, with #13's two bars."""
+    """Each storage's file share against the answers it keeps as `ask`'s, with the two targets."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     ax.axhline(
@@ -168,16 +169,16 @@ def plot(results: list[Result], title: str, path: Path) -> None:
         color="C3",
         lw=1,
         ls="--",
-        label=f"#13: ask's answer on ≥ {SAVED_TARGETS['same_as_ask']:g}%",
+        label=f"target: ask's answer on ≥ {SAVED_TARGETS['same_as_ask']:g}%",
     )
-    ax.axvline(FILE_TARGET, color="C2", lw=1, ls="--", label=f"#13: file ≤ {FILE_TARGET:g}% of fullkv")
+    ax.axvline(FILE_TARGET, color="C2", lw=1, ls="--", label=f"target: file ≤ {FILE_TARGET:g}% of fullkv")
     for r in results:
         kept = 100 * r.same_as_ask / r.questions
         ax.plot(r.share, kept, "o", color="C0")
         ax.annotate(r.storage.label, (r.share, kept), fontsize=7, xytext=(4, -10), textcoords="offset points")
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
     ax.fill_between(
-        [left, FILE_TARGET], SAVED_TARGETS["same_as_ask"], top, color="C2", alpha=0.1, label="both bars met"
+        [left, FILE_TARGET], SAVED_TARGETS["same_as_ask"], top, color="C2", alpha=0.1, label="both targets met"
     )
     ax.set(xlim=(left, right), ylim=(bottom, top))
     ax.set(xlabel="file, % of the float16 fullkv file", ylabel="same answer as ask, % of questions", title=title)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing under docs/")
     parser.add_argument("--from-raw", action="store_true", help="run nothing: render the answers file of this run")
     args = parser.parse_args(argv)
     engine = Engine.load(args.model, args.device)
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             documents=(args.documents or "all", "all"),
             limit=(args.limit, None),
         )
-        body = f"{result.markdown()}\n{chosen}. Every answer: `{raw.name}`.\n\n![Storage frontier]({report.plot.name})"
+        body = f"{result.markdown()}\n{chosen}. Every answer: [{raw.name}]({link(raw)}).\n\n![Storage frontier]({link(report.plot)})"
         path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
         print(f"wrote {path}, {report.plot} and {raw}")
 

@@ -4,7 +4,7 @@ as fullkv", per setting, on one fixed half of the benchmark items.
 python bench/sweep.py [--half tuning|held-out] [--policies NAME ...] [--tasks passkey docqa]
     [--lengths 2048 4096 8192] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw | --resume]
 
-The per-item results are saved after every item (docs/sweep-*.json); for a run that was stopped, the same
+The per-item results are saved after every item (docs/results/sweep-*.json); for a run that was stopped, the same
 options with `--from-raw` render the tables, plot and section from them, and with `--resume` go on with
 the items it left.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from accuracy import MAX_NEW_TOKENS, TASKS, ask_ids, decode, kl_divergence, task_items
-from common import ROOT, Report, Table, cell, reduced_run, tag, write_atomic, write_section
+from common import ROOT, Report, Table, cell, link, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--model", help="model to load (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--tag", type=tag, help="name a focused run's section and plot")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing under docs/")
     stopped = parser.add_mutually_exclusive_group()
     stopped.add_argument(
         "--from-raw", action="store_true", help="run nothing: render the per-item results a stopped run saved"
@@ -380,9 +380,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         body = "\n".join(
             [
                 *(table.markdown() for table in tables),
-                f"Per-item answers: [{raw.name}]({raw.name}).",
+                f"Per-item answers: [{raw.name}]({link(raw)}).",
                 "",
-                f"![Frontier]({report.plot.name})",
+                f"![Frontier]({link(report.plot)})",
                 "",
             ]
         )
