@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -277,8 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine.load(args.model)
     report = Report.of("cache", "Saved caches", engine.loaded.spec)
     done: list[str] = []
+    raw: dict = {"model_load_s": model_load_s, "lengths": []}
     for tokens in lengths:
         rows, reprefill_s = measure(engine, tokens, made, args.repeats, args.fresh_process)
+        raw["lengths"].append({"tokens": tokens, "reprefill_s": reprefill_s, "rows": [asdict(row) for row in rows]})
         table = length_table(rows, reprefill_s, tokens, engine.loaded.name, budget, stored)
         lines = verdicts(rows, tokens)
         table.print()
@@ -300,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"Model load (Engine.load): median {model_load_s:.2f} s.",
                 "",
             ]
-            path = write_section(report.section, report.heading, "\n".join(notes + done), engine.loaded.device, reduced)
+            body, device = "\n".join(notes + done), engine.loaded.device
+            path = write_section(report.section, report.heading, body, device, reduced, raw=raw)
             print(f"wrote {path}", flush=True)
 
 

@@ -5,6 +5,7 @@ import argparse
 import ctypes
 import datetime
 import gc
+import json
 import os
 import platform
 import re
@@ -230,24 +231,37 @@ def link(path: Path) -> str:
 
 
 def write_section(
-    name: str, heading: str, body: str, device: torch.device, reduced: str | None, smoke: bool = False
+    name: str,
+    heading: str,
+    body: str,
+    device: torch.device,
+    reduced: str | None,
+    smoke: bool = False,
+    raw: object = None,
 ) -> Path:
     """Replace the `<!-- bench:NAME -->` section of docs/benchmarks.md (appended if absent), leaving the rest.
 
     The section records the command line, date and machine. A run with settings other than the full
-    run's is labelled with them: a smoke run (sizes that only exercise the script) as not a result.
+    run's is labelled with them: a smoke run (sizes that only exercise the script) as not a result. `raw`
+    (JSON-ready measurements) goes to docs/results/NAME.json with the same command, date and machine, and
+    the section links it.
     """
     header = [f"### {heading}", ""]
     if smoke:
         header += [f"> **Smoke run, not a result**: {reduced}. Rerun the command with its defaults.", ""]
     elif reduced:
         header += [f"> **Reduced run**: {reduced}. Measured as the full run measures, over fewer settings.", ""]
-    header += [
-        f"- Command: `{command_line()}`",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-        f"- Machine: {machine(device)}",
-        "",
-    ]
+    run = {
+        "command": command_line(),
+        "date": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "machine": machine(device),
+    }
+    header += [f"- Command: `{run['command']}`", f"- Date: {run['date']}", f"- Machine: {run['machine']}"]
+    if raw is not None and not smoke:
+        raw_path = RAW / f"{name}.json"
+        write_atomic(raw_path, json.dumps({**run, "reduced": reduced, "results": raw}, indent=1) + "\n")
+        header.append(f"- Raw: [{link(raw_path)}]({link(raw_path)})")
+    header.append("")
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     section = "\n".join([start, *header, body.strip(), end])
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n"

@@ -171,7 +171,8 @@ def main() -> None:
         full = dict(lengths=(args.lengths, FULL_LENGTHS), repeats=(args.repeats, FULL_REPEATS))
         reduced = "CPU run of a tiny Llama (--smoke)" if args.smoke else reduced_run(**full)
         heading = "Prefill on a GPU at 8K-128K tokens"
-        path = write_section("gpu", heading, table.markdown(), device, reduced, smoke=args.smoke)
+        raw = {"headers": table.headers, "rows": table.rows}
+        path = write_section("gpu", heading, table.markdown(), device, reduced, smoke=args.smoke, raw=raw)
         print(f"wrote {path}")
 
 

@@ -65,7 +65,8 @@ def main() -> None:
     table.print()
     if not args.no_write:
         reduced = reduced_run(lengths=(args.lengths, DEFAULT_LENGTHS), repeats=(args.repeats, DEFAULT_REPEATS))
-        path = write_section("overhead", "Runner overhead", table.markdown(), engine.loaded.device, reduced)
+        raw = {"headers": table.headers, "rows": table.rows}
+        path = write_section("overhead", "Runner overhead", table.markdown(), engine.loaded.device, reduced, raw=raw)
         print(f"wrote {path}")
 
 

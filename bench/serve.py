@@ -152,7 +152,14 @@ def main() -> None:
             max_new_tokens=(args.max_new_tokens, 1),
         )
         body = "\n".join([table.markdown(), f"- {verdict}", ""])
-        print(f"wrote {write_section('serve', 'Server: time per question', body, torch.device('cpu'), reduced)}")
+        raw = {
+            "seconds_per_question": seconds,
+            "tokens": args.tokens,
+            "questions": questions,
+            "client_import_ms": import_ms,
+        }
+        path = write_section("serve", "Server: time per question", body, torch.device("cpu"), reduced, raw=raw)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Another --model gets its own section of docs/benchmarks.md and its own plot (doc
 """
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -215,7 +215,8 @@ def main() -> None:
             repeats=(args.repeats, DEFAULT_REPEATS),
             methods=(sorted(methods), sorted(METHODS)),
         )
-        path = write_section(report.section, report.heading, body, engine.loaded.device, reduced)
+        raw = [asdict(result) for result in results]
+        path = write_section(report.section, report.heading, body, engine.loaded.device, reduced, raw=raw)
         print(f"wrote {path} and {report.plot}")
 
 
