@@ -143,7 +143,7 @@ def remote_arguments(arguments: dict) -> dict:
     for key, default in CORPUS_OPTIONS.items():
         if key in arguments and arguments.pop(key) != default:
             flag = "--" + key.replace("_", "-")
-            raise InputError(f"{flag} does not run through a server yet; pass --server off to run it here")
+            raise InputError(f"{flag} does not run through a server; pass --server off to run it here")
     return arguments
 
 
