@@ -17,16 +17,7 @@ from core.errors import FastKVError, InputError
 from fastkv_cli import options
 from fastkv_cli.help import PlainCommand
 from fastkv_cli.inputs import read_questions, stdin_questions
-from fastkv_cli.render import (
-    build_table,
-    cache_info_view,
-    print_json,
-    progress_reporter,
-    show,
-    stderr,
-    stdout,
-    stream_to_stdout,
-)
+from fastkv_cli.render import progress_reporter, show, show_built, show_info, stderr, stream_to_stdout
 
 if TYPE_CHECKING:  # the commands import core (and torch) only when they run
     from core.generation import Decoding
@@ -323,12 +314,7 @@ def cache_build(
     with progress_reporter(quiet) as progress:
         built = engine.build_file(docs, output, plan, force, progress)
     built.saved.stats.read_s = read_s
-    summary = built.to_dict()
-    if json:
-        print_json(summary)
-    if not quiet:
-        stderr.print(build_table(summary))
-        stderr.print(f"wrote {output} ({built.file_bytes / (1 << 20):.1f} MiB)", highlight=False)
+    show_built(built.to_dict(), json, quiet)
 
 
 @cache_app.command("query", cls=PlainCommand)
@@ -451,11 +437,7 @@ def cache_info(
     """
     from core.store import describe_cache
 
-    info = describe_cache(cache_file)
-    if json:
-        print_json(info)
-    else:
-        stdout.print(cache_info_view(info))
+    show_info(describe_cache(cache_file), json)
 
 
 @app.command(cls=PlainCommand)

@@ -17,16 +17,7 @@ from types import SimpleNamespace
 
 from core.errors import FastKVError, InputError
 from fastkv_cli.inputs import read_questions, stdin_questions
-from fastkv_cli.render import (
-    build_table,
-    cache_info_view,
-    print_json,
-    progress_reporter,
-    show,
-    stderr,
-    stdout,
-    stream_to_stdout,
-)
+from fastkv_cli.render import progress_reporter, show, show_built, show_info, stream_to_stdout
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 LOCAL = ("off", "local", "none")  # --server off: run here even when $FASTKV_SERVER is set
@@ -225,12 +216,7 @@ def cache_build(
                 summary = {**event["result"], "output": str(output)}
     if summary is None:
         raise ServerError(f"the fastkv server at {client.url} ended without a result")
-    if json:
-        print_json(summary)
-    if not quiet:
-        if "kind" in summary:  # a server of this version
-            stderr.print(build_table(summary))
-        stderr.print(f"wrote {output} ({summary['file_bytes'] / (1 << 20):.1f} MiB)", highlight=False)
+    show_built(summary, json, quiet)
 
 
 def cache_query(
@@ -244,8 +230,4 @@ def cache_query(
 
 
 def cache_info(client: Client, cache_file: Path, json: bool) -> None:
-    info = {**client.json("/cache/info", {"cache": os.path.abspath(cache_file)}), "file": str(cache_file)}
-    if json:
-        print_json(info)
-    else:
-        stdout.print(cache_info_view(info))
+    show_info({**client.json("/cache/info", {"cache": os.path.abspath(cache_file)}), "file": str(cache_file)}, json)

@@ -243,3 +243,20 @@ def show(answer, json: bool, quiet: bool) -> None:
         stream_to_stdout("\n")
     if not quiet:
         stderr.print(stats_table(answer))
+
+
+def show_built(summary: dict, json: bool, quiet: bool) -> None:
+    """`cache build`'s summary: its JSON line (--json); the table and where the file went on stderr."""
+    if json:
+        print_json(summary)
+    if not quiet:
+        stderr.print(build_table(summary))
+        stderr.print(f"wrote {summary['output']} ({summary['file_bytes'] / MIB:.1f} MiB)", highlight=False)
+
+
+def show_info(info: dict, json: bool) -> None:
+    """`cache info`: its JSON line (--json), else the view on stdout."""
+    if json:
+        print_json(info)
+    else:
+        stdout.print(cache_info_view(info))
