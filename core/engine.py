@@ -147,11 +147,11 @@ class Engine:
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         new_tokens, extra = decoding.max_new_tokens, len(question_ids)
         most = memory_room(guard, truncate, method, extra, new_tokens=new_tokens)
-        context = self.context(documents, extra + new_tokens, truncate, most)
+        context, prompt = self.ask_prompt(documents, question_ids, new_tokens, truncate, most)
         if guard:
             guard.check(len(context.ids) + extra, method, new_tokens, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(self.tensor(context.ids + question_ids), method, progress)
+        prefill = self.runner.prefill(self.tensor(prompt), method, progress)
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens = len(context.ids) + len(question_ids), context.dropped_tokens
         stats.dropped_tokens_estimated = context.dropped_estimated
@@ -162,6 +162,19 @@ class Engine:
         return Answer(
             question, text, self.loaded.name, method.name, method.budget_label, summaries, stats, prefill.logits
         )
+
+    def ask_prompt(
+        self,
+        documents: list[Document],
+        question_ids: list[int],
+        max_new_tokens: int,
+        truncate: str | None = None,
+        most: int | None = None,
+    ) -> tuple[Context, list[int]]:
+        """What `ask` prefills: the documents' context, fitted to what the question and its answer leave of the
+        window (see `context`), and the prompt's ids, that context then the question."""
+        context = self.context(documents, len(question_ids) + max_new_tokens, truncate, most)
+        return context, context.ids + question_ids
 
     def context(
         self, documents: list[Document], reserved: int, truncate: str | None, most: int | None = None
