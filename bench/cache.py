@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from accuracy import STORED_FACTOR, stored_budget
+from answers.variants import STORED_FACTOR, stored_budget
 from common import MIB, Report, Table, cell, interleaved, medians, prompt_ids, reduced_run, write_section
 from safetensors import safe_open
 

@@ -25,12 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accuracy import SAVED_TARGETS, Settings, Variant, groups, kl_divergence, query, question_ids, run_ask
+from answers.checks import SAVED_TARGETS
+from answers.outcomes import kl_divergence
+from answers.run import groups, run_ask
+from answers.variants import Settings, Variant
 from cache import TARGETS as CACHE_TARGETS
 from common import Report, Table, link, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
 from tasks import HALVES, docqa
+from tasks.replay import question_ids
 from tasks.scoring import score
 
 from core.engine import Engine
@@ -91,15 +95,15 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
         console.print(f"{group[0].group}: {len(group)} questions")
         asked = [run_ask(engine, item, settings, lambda: None)[1].text for item in group]
         reserved = max(len(question_ids(engine, item.question)) for item in group) + decoding.max_new_tokens
-        paused = engine.build([group[0].document], BuildPlan(method, query_aware=True), reserved=reserved)
-        saved = SavedContext(paused.cache, paused.manifest, paused.stats)
+        saved = engine.build([group[0].document], BuildPlan(method, query_aware=True), reserved=reserved)
         context = saved.manifest["context_tokens"]
         fullkv = fullkv_file_bytes(saved.manifest["model"], context)
         reference = {}
         for storage in storages:
             copy, nbytes = stored(engine, saved, storage)
             for item, ask_answer in zip(group, asked, strict=True):
-                answer, logits = query(engine, copy, item.question, decoding)
+                answered = engine.query(copy, item.question, decoding=decoding)
+                answer, logits = answered.text, answered.logits
                 reference.setdefault(item.question, logits)
                 records.append({
                     "group": item.group, "question": item.question, "storage": storage.label,

@@ -33,20 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accuracy import MAX_NEW_TOKENS, TASKS, ask_ids, decode, kl_divergence, task_items
+from accuracy import MAX_NEW_TOKENS, TASKS, task_items
+from answers.outcomes import kl_divergence
 from common import ROOT, Report, Table, cell, link, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tasks import HALVES, Item
-from tasks.replay import question_recordings, replay
+from tasks.replay import ask_ids, decoded, question_ids, question_recordings, replay
 from tasks.scoring import score
 
 from core.engine import Engine
 from core.generation import Decoding
 from core.kvcache import full_kv_bytes
 from core.methods import DEFAULT_METHOD, Method, make_method
-from core.prompt import encode_question
 
 DEFAULT_LENGTHS = [2048, 4096, 8192]
 BANDS = {"8K": (7000, 12000), "16K": (14000, 20000)}  # prompt tokens whose items give the speed-up "at 8K", "at 16K"
@@ -118,15 +118,15 @@ def item_name(item: Item) -> str:
 
 def run_item(engine: Engine, item: Item, policies: list[Policy], decoding: Decoding) -> list[Result]:
     """Every policy on one item, fullkv first (the reference), from as few recorded prefills as exact."""
-    ids = ask_ids(engine, item, decoding)
-    question = len(encode_question(engine.loaded.tokenizer, engine.template, item.question))
-    recording_for = question_recordings(engine.runner, ids, question, RECORDED_WINDOW)
+    question = question_ids(engine, item.question)
+    ids = ask_ids(engine, [item.document], question, decoding.max_new_tokens)
+    recording_for = question_recordings(engine.runner, ids, len(question), RECORDED_WINDOW)
     full_kv = full_kv_bytes(engine.loaded.config, len(ids), engine.loaded.dtype)
     results, reference, full_s = [], None, None
     for policy in [BY_NAME["fullkv"], *(p for p in policies if p.name != "fullkv")]:
-        method = policy.make(engine.runner.num_layers, question)
+        method = policy.make(engine.runner.num_layers, len(question))
         prefill, seconds = replay(engine.runner, recording_for(method), method)
-        answer = decode(engine, prefill.cache.clone(), prefill.logits, decoding)
+        answer = decoded(engine, prefill, decoding)
         reference = reference or (answer, prefill.logits)
         full_s = full_s or seconds
         results.append(

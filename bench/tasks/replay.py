@@ -10,7 +10,7 @@ propagate, never on how many tokens enter the cache. So:
 
 A recording caches every token each layer saw and keeps each layer's last `window` queries; a
 replay calls the method's own `select` on them, layer by layer, against the recorded keys, exactly
-as the runner would have. tests/test_bench_accuracy.py checks caches and logits bit for bit.
+as the runner would have. tests/bench/test_bench_accuracy.py checks caches and logits bit for bit.
 """
 
 import time
@@ -23,11 +23,14 @@ from torch import Tensor
 
 from core.documents import Document
 from core.engine import Engine, SavedContext
+from core.generation import Decoding
 from core.kvcache import KVCache
 from core.methods import Budget, LayerInput, Method, Selection
 from core.methods.fullkv import FullKV
 from core.options import BuildPlan
+from core.prompt import encode_question
 from core.runner import Prefill, Runner
+from core.stats import RunStats, Stopwatch
 
 R = TypeVar("R")
 
@@ -123,18 +126,24 @@ def replay_build(
 ) -> SavedContext:
     """What engine.build(documents, method, query_budget) returns, from a recorded build of the documents."""
     prefill, seconds = replay(runner, recording, method)
-    manifest = {
-        **saved.manifest,
-        "method": {"name": method.name, "parameters": method.parameters()},
-        "query_budget": None if query_budget is None else str(query_budget),
-    }
     stats = replace(
         saved.stats,
         prefill_s=seconds,
         kv_bytes_kept=prefill.cache.nbytes,
         kept_tokens_per_layer=prefill.cache.kept_tokens_per_layer,
     )
-    return SavedContext(prefill.cache, manifest, stats)
+    return replace(as_built(saved, method, query_budget), cache=prefill.cache, stats=stats)
+
+
+def as_built(saved: SavedContext, method: Method, query_budget: Budget | None) -> SavedContext:
+    """`saved` with the manifest engine.build writes for `method` and `query_budget`, which is what each query
+    selects by; a paused build serves every budget of its method this way."""
+    manifest = {
+        **saved.manifest,
+        "method": {"name": method.name, "parameters": method.parameters()},
+        "query_budget": None if query_budget is None else str(query_budget),
+    }
+    return replace(saved, manifest=manifest)
 
 
 def shared_recordings(
@@ -160,3 +169,19 @@ def question_recordings(runner: Runner, ids: Tensor, question_tokens: int, windo
     question's `question_tokens` where that is more: enough for any fixed window up to `window` and for a
     window that is the question."""
     return shared_recordings(partial(record_prefill, runner, ids, window=max(window, question_tokens)))
+
+
+def question_ids(engine: Engine, question: str) -> list[int]:
+    """The question's tokens, as engine.ask and engine.query append them to the documents' context."""
+    return encode_question(engine.loaded.tokenizer, engine.template, question)
+
+
+def ask_ids(engine: Engine, documents: list[Document], question: list[int], max_new_tokens: int) -> Tensor:
+    """The prompt engine.ask prefills for the question's ids [L]: what a recording of its prefill runs."""
+    return engine.tensor(engine.ask_prompt(documents, question, max_new_tokens)[1])
+
+
+def decoded(engine: Engine, prefill: Prefill, decoding: Decoding) -> str:
+    """The answer engine.ask decodes from `prefill`, on a copy of its cache: a replay's layers may be the
+    recording's own, which every other replay of it starts from."""
+    return engine.decode(prefill.cache.clone(), prefill.logits, decoding, lambda text: None, RunStats(), Stopwatch())

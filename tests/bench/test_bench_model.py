@@ -17,7 +17,7 @@ from core.engine import Engine
 from core.models import converted_folder
 from tests.tiny_models import fastkv_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIGHTHOUSE = ROOT / "examples" / "lighthouse.md"
 # examples/QUESTIONS.md #2; with the default method and budget this model answers
 # "Thomas Arkwright Bell designed the Harrow Point lighthouse."

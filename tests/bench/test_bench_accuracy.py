@@ -2,33 +2,34 @@
 
 import importlib.util
 import json
-import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import accuracy
 import pytest
+import sweep
 import torch
+from answers.checks import TARGET_BUDGET, checks, storage_checks
+from answers.outcomes import from_record, kl_divergence, record
+from answers.report import section_body
+from answers.run import run, run_ask, run_saved
+from answers.variants import MODES, REFERENCE, STORED_FACTOR, Settings, plan, stored_budget, variant_methods
+from common import Report
+from tasks import Item, docqa, passkey, text_document
+from tasks.replay import question_ids, record_build, record_prefill, replay, replay_build, shared_recordings
+from tasks.scoring import contains_answer, normalise, passkey_found, score, token_f1
 
-from core.engine import Engine
 from core.generation import Decoding
 from core.methods import Budget, make_method
-from core.models import EMBEDDED_PACKAGE, load_model
+from core.models import EMBEDDED_PACKAGE
 from core.options import BuildPlan
 from core.prompt import PromptTemplate
 from core.runner import Runner
 from core.store import save_cache
 from tests.helpers import assert_same_cache
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other as top-level modules
-
-import accuracy  # noqa: E402
-import sweep  # noqa: E402
-from common import Report  # noqa: E402
-from tasks import Item, docqa, passkey, text_document  # noqa: E402
-from tasks.replay import record_build, record_prefill, replay, replay_build, shared_recordings  # noqa: E402
-from tasks.scoring import contains_answer, normalise, passkey_found, score, token_f1  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 METHODS = ["fullkv", "streamingllm", "snapkv", "gemfilter", "fastkv"]
 BUDGETS = ["10%", "25%", "40"]
@@ -138,14 +139,14 @@ def test_score_uses_each_task_own_rule():
 
 def test_kl_divergence_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    assert accuracy.kl_divergence(logits, logits) == 0.0
-    assert accuracy.kl_divergence(logits, logits.flip(0)) > 0
+    assert kl_divergence(logits, logits) == 0.0
+    assert kl_divergence(logits, logits.flip(0)) > 0
 
 
 def test_two_stage_stores_a_multiple_of_the_final_budget_capped_at_the_whole_context():
-    assert str(accuracy.stored_budget(Budget.parse("10%"), 3)) == "30%"
-    assert str(accuracy.stored_budget(Budget.parse("40%"), 3)) == "100%"
-    assert str(accuracy.stored_budget(Budget.parse("512"), 3)) == "1536"
+    assert str(stored_budget(Budget.parse("10%"), 3)) == "30%"
+    assert str(stored_budget(Budget.parse("40%"), 3)) == "100%"
+    assert str(stored_budget(Budget.parse("512"), 3)) == "1536"
 
 
 def test_each_model_reports_to_its_own_section_and_plot():
@@ -187,11 +188,6 @@ def test_replay_refuses_a_method_that_propagates_other_tokens(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
-
-
-@pytest.fixture(scope="module")
 def tiny_items() -> list:
     text = "The keeper logged the ships, the storms and the oil burned by the lamp every night.\n" * 8
     document = text_document("log.txt", text)
@@ -199,18 +195,18 @@ def tiny_items() -> list:
     return [Item("docqa", "log.txt", document, q, ("keeper",)) for q in questions]
 
 
-def tiny_settings(modes: list[str], dtypes: list[str | None] = (None,)) -> accuracy.Settings:
-    variants = accuracy.plan(METHODS, [Budget.parse("10%"), Budget.parse("30%")], modes, dtypes)
-    return accuracy.Settings(variants, Decoding(max_new_tokens=6), accuracy.STORED_FACTOR)
+def tiny_settings(modes: list[str], dtypes: list[str | None] = (None,)) -> Settings:
+    variants = plan(METHODS, [Budget.parse("10%"), Budget.parse("30%")], modes, dtypes)
+    return Settings(variants, Decoding(max_new_tokens=6), STORED_FACTOR)
 
 
-def test_ask_answers_equal_engine_ask_for_every_method_and_budget(tiny_engine, tiny_items):
+def test_ask_answers_equal_engine_ask_for_every_method_and_budget(engine, tiny_items):
     settings = tiny_settings(["ask"])
-    outcomes, ref = accuracy.run_ask(tiny_engine, tiny_items[0], settings, advance=lambda: None)
+    outcomes, ref = run_ask(engine, tiny_items[0], settings, advance=lambda: None)
     assert [o.variant for o in outcomes] == settings.variants
     for o in outcomes:
         method = make_method(o.variant.method, budget=o.variant.budget)
-        asked = tiny_engine.ask([tiny_items[0].document], tiny_items[0].question, method, settings.decoding)
+        asked = engine.ask([tiny_items[0].document], tiny_items[0].question, method, settings.decoding)
         assert o.answer == asked.text, o.variant
     assert outcomes[0].same and outcomes[0].kl == 0.0 and ref.text == outcomes[0].answer
 
@@ -227,18 +223,18 @@ SWEPT = [
 ]
 
 
-def test_sweep_answers_equal_engine_ask_for_every_policy(tiny_engine, tiny_items):
+def test_sweep_answers_equal_engine_ask_for_every_policy(engine, tiny_items):
     """The sweep's replays (shared recordings, question windows, floors) answer exactly as `ask` would."""
     item, decoding = tiny_items[0], Decoding(max_new_tokens=6)
     policies = [sweep.BY_NAME[name] for name in SWEPT]
 
-    results = sweep.run_item(tiny_engine, item, policies, decoding)
+    results = sweep.run_item(engine, item, policies, decoding)
 
-    question = len(accuracy.question_ids(tiny_engine, item.question))
+    question = len(question_ids(engine, item.question))
     assert [r.policy for r in results] == SWEPT
     for policy, result in zip(policies, results, strict=True):
-        method = policy.make(tiny_engine.runner.num_layers, question)
-        asked = tiny_engine.ask([item.document], item.question, method, decoding)
+        method = policy.make(engine.runner.num_layers, question)
+        asked = engine.ask([item.document], item.question, method, decoding)
         assert result.answer == asked.text, policy.name
         assert result.kv_share == asked.stats.kv_bytes_kept / asked.stats.kv_bytes_full, policy.name
     assert results[0].same and results[0].kl == 0.0 and results[0].speedup == 1.0
@@ -257,64 +253,64 @@ def test_the_halves_are_fixed_and_each_spans_every_document_and_length(tiny_toke
     assert [i.half for i in again] == [i.half for i in questions]
 
 
-def test_saved_answers_equal_engine_build_and_query(tiny_engine, tiny_items):
+def test_saved_answers_equal_engine_build_and_query(engine, tiny_items):
     settings = tiny_settings(["ask", "agnostic", "two-stage", "query-aware", "every-token"])
-    refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
-    outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
+    refs = [run_ask(engine, item, settings, lambda: None)[1] for item in tiny_items]
+    outcomes = run_saved(engine, tiny_items, refs, settings, advance=lambda: None)
     saved_variants = [v for v in settings.variants if v.mode != "ask"]
     assert "gemfilter" not in {v.method for v in saved_variants}  # it cannot build a saved cache
     assert {v.method for v in saved_variants if v.mode == "query-aware"} == {"fastkv"}  # it pauses at TSP
     assert {v.method for v in saved_variants if v.mode == "every-token"} == {"fullkv"}  # every token, selected later
     assert len(outcomes) == len(saved_variants) * len(tiny_items)
     for o in outcomes:
-        method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
+        method, query_budget = variant_methods(o.variant, settings.stored_factor)
         aware = o.variant.mode == "query-aware"
-        saved = tiny_engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
-        assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
+        saved = engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
+        assert o.answer == engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
         asked = refs[tiny_items.index(o.item)].asked[o.variant.asked]  # ask's answer, same method and budget
         assert o.same_as_ask == (o.answer == asked), o.variant
 
 
-def test_each_storage_dtype_answers_as_cache_build_then_cache_query(tiny_engine, tiny_items, tmp_path):
+def test_each_storage_dtype_answers_as_cache_build_then_cache_query(engine, tiny_items, tmp_path):
     """A saved variant in a storage dtype answers as a file written with --cache-dtype and loaded again."""
     dtypes = ["float16", "int8", "int4"]
     settings = tiny_settings(["two-stage", "query-aware", "every-token"], dtypes)
     settings = replace(settings, variants=[v for v in settings.variants if v.method in ("fullkv", "fastkv")])
-    refs = [accuracy.run_ask(tiny_engine, item, settings, lambda: None)[1] for item in tiny_items]
-    outcomes = accuracy.run_saved(tiny_engine, tiny_items, refs, settings, advance=lambda: None)
+    refs = [run_ask(engine, item, settings, lambda: None)[1] for item in tiny_items]
+    outcomes = run_saved(engine, tiny_items, refs, settings, advance=lambda: None)
     assert [o.variant.dtype for o in outcomes[: 2 * len(dtypes)]] == [d for d in dtypes for _ in tiny_items]
     for o in outcomes:
-        method, query_budget = accuracy.variant_methods(o.variant, settings.stored_factor)
+        method, query_budget = variant_methods(o.variant, settings.stored_factor)
         aware = o.variant.mode == "query-aware"
-        built = tiny_engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
+        built = engine.build([o.item.document], BuildPlan(method, query_budget, query_aware=aware), reserved=64)
         path = tmp_path / "c.fkv"
         save_cache(path, built.cache, built.manifest, o.variant.dtype, force=True)
-        saved = tiny_engine.load_saved(path)
-        assert o.answer == tiny_engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
-    lines = accuracy.storage_checks(outcomes)
+        saved = engine.load_saved(path)
+        assert o.answer == engine.query(saved, o.item.question, decoding=settings.decoding).text, o.variant
+    lines = storage_checks(outcomes)
     assert len(lines) == 2 * 3 * 2  # int8 and int4 against float16, 3 modes, 2 budgets
     assert all(line.startswith("INFO ") and "docqa answers changed" in line for line in lines)  # no passkey items
 
 
-def test_a_resumed_run_asks_only_the_documents_a_stopped_run_left(tiny_engine, tiny_items, monkeypatch):
+def test_a_resumed_run_asks_only_the_documents_a_stopped_run_left(engine, tiny_items, monkeypatch):
     """A run saves its outcomes after each document; read back, they let a stopped run go on where it was."""
     settings = tiny_settings(["ask", "query-aware"])
     items = tiny_items + [replace(item, group="log-2.txt") for item in tiny_items]  # a second document
     saved = []
-    whole = accuracy.run(tiny_engine, items, settings, on_group=lambda outcomes: saved.append(list(outcomes)))
+    whole = run(engine, items, settings, on_group=lambda outcomes: saved.append(list(outcomes)))
     assert [len(s) for s in saved] == [len(whole) // 2, len(whole)]
 
     by_key = {(i.task, i.group, i.question): i for i in items}
-    stopped = [accuracy.from_record(json.loads(json.dumps(accuracy.record(o))), by_key) for o in saved[0]]
+    stopped = [from_record(json.loads(json.dumps(record(o))), by_key) for o in saved[0]]
     assert stopped == saved[0]
-    asked, run_ask = [], accuracy.run_ask
+    asked = []
 
     def counted(engine, item, *rest):
         asked.append(item)
         return run_ask(engine, item, *rest)
 
-    monkeypatch.setattr(accuracy, "run_ask", counted)
-    resumed = accuracy.run(tiny_engine, items, settings, earlier=stopped)
+    monkeypatch.setattr("answers.run.run_ask", counted)  # what run() calls per item
+    resumed = run(engine, items, settings, earlier=stopped)
 
     assert asked == items[2:]
     assert resumed[: len(stopped)] == stopped
@@ -323,14 +319,14 @@ def test_a_resumed_run_asks_only_the_documents_a_stopped_run_left(tiny_engine, t
     ]
 
 
-def test_replayed_build_equals_engine_build(tiny_engine, tiny_items):
+def test_replayed_build_equals_engine_build(engine, tiny_items):
     documents = [tiny_items[0].document]
-    record = partial(record_build, tiny_engine, documents, reserved=64)
+    record = partial(record_build, engine, documents, reserved=64)
     recording_for = shared_recordings(record, recording_of=lambda built: built[1])
     for name in ["snapkv", "streamingllm", "fastkv"]:
         method = make_method(name, budget="30%").for_question(None)  # a build has no question, as engine.build says
-        saved = replay_build(tiny_engine.runner, *recording_for(method), method, Budget.parse("10%"))
-        built = tiny_engine.build(documents, BuildPlan(method, Budget.parse("10%")), reserved=64)
+        saved = replay_build(engine.runner, *recording_for(method), method, Budget.parse("10%"))
+        built = engine.build(documents, BuildPlan(method, Budget.parse("10%")), reserved=64)
         assert_same_cache(saved.cache, built.cache)
         for key in ("method", "query_budget", "context_tokens", "template"):
             assert saved.manifest[key] == built.manifest[key]
@@ -351,8 +347,8 @@ def test_tiny_benchmark_run_on_the_embedded_model(capsys):
     outcomes = accuracy.main(argv)
 
     tasks = ["passkey", "docqa"]
-    assert len(outcomes) == len(tasks) * 2 * (1 + len(accuracy.MODES))  # 2 questions: fullkv + fastkv per mode
-    reference = [o for o in outcomes if o.variant == accuracy.REFERENCE]
+    assert len(outcomes) == len(tasks) * 2 * (1 + len(MODES))  # 2 questions: fullkv + fastkv per mode
+    reference = [o for o in outcomes if o.variant == REFERENCE]
     assert len(reference) == 4 and all(o.same and o.kl == 0.0 for o in reference)
     assert {o.item.length for o in outcomes if o.item.task == "passkey"} == {1024}
     printed = capsys.readouterr().out
@@ -360,14 +356,14 @@ def test_tiny_benchmark_run_on_the_embedded_model(capsys):
     assert (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8") == results  # --no-write
 
 
-def test_the_targets_are_judged_only_in_a_run_at_their_budget(tiny_engine, tiny_items):
+def test_the_targets_are_judged_only_in_a_run_at_their_budget(engine, tiny_items):
     """A focused run at other budgets has nothing to judge them on: no 'N/A' lines, no targets block."""
-    focused = accuracy.run_ask(tiny_engine, tiny_items[0], tiny_settings(["ask"]), advance=lambda: None)[0]
-    at_target = accuracy.plan(METHODS, [Budget.parse(accuracy.TARGET_BUDGET)], ["ask"], [None])
-    settings = accuracy.Settings(at_target, Decoding(max_new_tokens=6), accuracy.STORED_FACTOR)
-    judged = accuracy.run_ask(tiny_engine, tiny_items[0], settings, advance=lambda: None)[0]
+    focused = run_ask(engine, tiny_items[0], tiny_settings(["ask"]), advance=lambda: None)[0]
+    at_target = plan(METHODS, [Budget.parse(TARGET_BUDGET)], ["ask"], [None])
+    settings = Settings(at_target, Decoding(max_new_tokens=6), STORED_FACTOR)
+    judged = run_ask(engine, tiny_items[0], settings, advance=lambda: None)[0]
 
-    assert accuracy.checks(focused) == []
-    assert any("gives fullkv's greedy answer" in line for line in accuracy.checks(judged))
-    body = accuracy.section_body([], focused, [], [], Path("p.png"))
+    assert checks(focused) == []
+    assert any("gives fullkv's greedy answer" in line for line in checks(judged))
+    body = section_body([], focused, [], [], Path("p.png"))
     assert "Targets at budget" not in body and body.endswith("(p.png)\n")

@@ -1,16 +1,11 @@
 """bench/storage.py: its in-memory storage is what a file gives back, and its rule picks as it says."""
 
-import sys
-from pathlib import Path
-
 import pytest
+import storage
 
 from core.quant import HIDDEN_BITS
 from core.store import load_cache, save_cache
 from tests.helpers import assert_same_cache, build
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench scripts import each other
-import storage  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int4", "int8", "coded"])
