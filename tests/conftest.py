@@ -69,14 +69,15 @@ def unsupported_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
-# saved contexts of one tiny document, built once per test module (tests/test_store.py and the storage tests)
 @pytest.fixture(scope="module")
 def engine(tiny_model_folder) -> Engine:
+    """The saved tiny Llama (tiny_model_folder), float32 on the CPU, loaded once per test module."""
     return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="module")
 def document() -> Document:
+    """The tiny saved contexts' document: `saved` and `query_aware` are built from it once per test module."""
     return make_document(PAGES)
 
 

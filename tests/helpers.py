@@ -1,8 +1,13 @@
-"""Helpers shared by the test modules: in-process CLI calls, the one-line error contract, documents, the HF forward."""
+"""Helpers shared by the test modules: in-process CLI calls, the one-line error contract, documents, the HF forward
+and the independent references of the methods' scores, and subprocesses that are interrupted."""
 
 import hashlib
+import math
+import signal
+from pathlib import Path
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 
 from core.documents import Document
@@ -35,6 +40,7 @@ PAGES = [  # the tiny saved caches' document (conftest.py)
     " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(6)),
     " ".join(f"Page two, line {i}: the lamp burned {i * 3} litres of oil." for i in range(6)),
 ]
+QUESTION = "When was the lighthouse automated?"  # asked of the tiny saved caches' document
 RESERVED = 128  # the tiny folder's window is 512, less than build's default reserve
 
 
@@ -93,3 +99,74 @@ def assert_same_cache(a: KVCache, b: KVCache) -> None:
         assert (a.paused.queries is None) == (b.paused.queries is None)
         if a.paused.queries is not None:
             assert_bit_equal(a.paused.queries, b.paused.queries)
+
+
+def full_prefill(model, ids: torch.Tensor):
+    """The HF model's own forward on ids [L], with every layer's input (hidden_states)."""
+    with torch.inference_mode():
+        return model(ids[None], output_hidden_states=True)
+
+
+def hf_qk(model, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `index`'s queries [heads, n, d] and keys [kv_heads, n, d] after RoPE, the HF modules' way.
+
+    hidden: [n, hidden] input of the layer (HF's hidden_states[index]); positions: [n] position ids.
+    """
+    layer = model.model.layers[index]
+    attn, n = layer.self_attn, hidden.shape[0]
+    with torch.inference_mode():
+        x = layer.input_layernorm(hidden[None])
+        q = attn.q_proj(x).view(1, n, -1, attn.head_dim)
+        k = attn.k_proj(x).view(1, n, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = model.model.rotary_emb(x, positions[None])
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q[0], k[0]
+
+
+def reference_window_scores(q, k, window: int, pooling: str, kernel: int = 7) -> torch.Tensor:
+    """DESIGN.md §3 one step at a time, in float64 Python loops -> [kv_heads, n - window].
+
+    q: [heads, n_q >= window, d] whose last `window` rows are the window; k: [kv_heads, n, d].
+    """
+    heads, d = q.shape[0], q.shape[-1]
+    kv_heads, n = k.shape[0], k.shape[1]
+    group, prefix = heads // kv_heads, n - window
+    out = torch.zeros(kv_heads, prefix, dtype=torch.float64)
+    for head in range(heads):
+        kv = head // group
+        column = [0.0] * prefix  # attention each prefix key gets, summed over the window queries
+        for w in range(window):
+            query = q[head, q.shape[1] - window + w].double()
+            visible = prefix + w + 1  # causal inside the window: window query w sees keys 0..prefix+w
+            logits = torch.stack([query @ k[kv, j].double() / math.sqrt(d) for j in range(visible)])
+            probs = (logits - logits.max()).exp()
+            probs = (probs / probs.sum()).tolist()
+            for j in range(prefix):
+                column[j] += probs[j]
+        for i in range(prefix):
+            near = [column[j] for j in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= j < prefix]
+            out[kv, i] += sum(near) / kernel if pooling == "avgpool" else max(near)
+    return out
+
+
+def assert_top_selection(kept: list[int], scores: list[float], window: int):
+    """kept (sorted token indices) is the best-scored prefix tokens plus the window, up to exact ties."""
+    prefix = len(scores)
+    assert kept[len(kept) - window :] == list(range(prefix, prefix + window))
+    chosen = kept[: len(kept) - window]
+    assert chosen == sorted(set(chosen)) and all(0 <= i < prefix for i in chosen)
+    others = [scores[i] for i in set(range(prefix)) - set(chosen)]
+    assert min(scores[i] for i in chosen) >= max(others) - 1e-6
+
+
+def default_sigint() -> None:
+    """A shell without job control starts `cmd &` with SIGINT ignored, and children inherit that;
+    the Ctrl-C tests must see fastkv as a terminal's foreground job would, however pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files or staging folders in `folder` (and below)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if ".tmp" in p.name or "converting" in p.name)

@@ -6,12 +6,10 @@ import math
 import pytest
 import torch
 
-from core.engine import Engine
 from core.generation import Decoding
 from core.kvcache import EMPTY, KVCache
 from core.methods import make_method
 from core.methods.adaptive import HEAD_CAP, HEAD_FLOOR, adaptive_top_tokens
-from core.models import load_model
 from core.options import BuildPlan
 from core.runner import Runner, per_head_mask
 from core.store import FORMAT_VERSION, load_cache, read_manifest, save_cache
@@ -129,11 +127,6 @@ def test_per_head_mask_matches_attention_over_each_heads_own_tokens(tiny_model):
             seen = valid[kv] & causal[i]
             weights = (q[h, i] @ k[kv, seen].T / d**0.5).softmax(-1)
             torch.testing.assert_close(got[h, i], weights @ v[kv, seen])
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
 
 
 PAGES = [" ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(12))]

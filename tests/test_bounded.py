@@ -48,11 +48,6 @@ class Endless(io.RawIOBase):
         return data
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
-
-
 def limit_of(engine: Engine, truncate: str | None = None, reserved: int = 40) -> TokenLimit:
     return engine.token_limit(reserved, truncate)
 

@@ -11,7 +11,7 @@ from core import coded, rans
 from core.errors import CacheFileError, InputError
 from core.quant import dequantize, quantize
 from core.store import FORMAT_VERSION, load_cache, save_cache
-from tests.test_store import refusal, rewrite_manifest, rewrite_tensors, update
+from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, update
 
 # --- the coder ------------------------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import pytest
 
 from core.corpus import cache_targets
 from core.store import load_cache, read_manifest
-from tests.helpers import assert_one_line_error, fastkv
+from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers
 from tests.json_schema import SCHEMA
-from tests.tiny_models import fastkv_command, save_tiny_llama
+from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
 
 QUESTION = "When was the lighthouse automated?"
 MAX_NEW = 4
@@ -204,10 +204,8 @@ def test_cache_ask_without_a_question_is_one_line(docs, model):
 
 @pytest.mark.slow  # about a minute on a busy CPU
 def test_ctrl_c_during_build_each_then_a_rerun_builds_only_the_missing_caches(tmp_path, tiny_tokenizer):
-    from tests.test_reliability import default_sigint, leftovers
-
     folder = tmp_path / "slow-model"
-    slow_model(folder, tiny_tokenizer)
+    save_slow_llama(folder, tiny_tokenizer, 8192)  # a build takes a moment
     names = []
     for i in range(6):
         names.append(f"log{i}.txt")
@@ -236,18 +234,3 @@ def test_ctrl_c_during_build_each_then_a_rerun_builds_only_the_missing_caches(tm
     assert skipped == {name: name in done for name in names}
     for name in names:
         load_cache(tmp_path / "out" / name.replace(".txt", ".fkv"))
-
-
-def slow_model(folder: Path, tokenizer) -> None:
-    """A Llama slow enough that a build takes a moment on CPU (6 layers, 256 wide, an 8K window)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)

@@ -17,10 +17,8 @@ from core.corpus import AskTask, Item
 from core.generation import Decoding
 from core.methods import make_method
 from core.store import load_cache
-from tests.helpers import fastkv
-from tests.test_corpus import slow_model
-from tests.test_reliability import default_sigint, leftovers
-from tests.tiny_models import fastkv_command, save_tiny_llama
+from tests.helpers import default_sigint, fastkv, leftovers
+from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray runtime and its workers take a while to start on a small machine
@@ -105,7 +103,7 @@ def test_a_worker_killed_mid_run_has_its_document_retried_and_every_answer_comes
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory, tiny_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("slow-model")
-    slow_model(folder, tiny_tokenizer)
+    save_slow_llama(folder, tiny_tokenizer, 8192)
     return folder
 
 

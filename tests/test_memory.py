@@ -237,11 +237,6 @@ def test_build_refuses_and_ignore_memory_builds(doc, tiny_model_folder, little_m
     assert output.is_file()
 
 
-@pytest.fixture
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
-
-
 def with_free_memory(monkeypatch, engine: Engine, free: int) -> MemoryGuard:
     guard = replace(MemoryGuard.for_model(engine.loaded.model), free=free)
     monkeypatch.setattr(MemoryGuard, "for_model", classmethod(lambda cls, model: guard))

@@ -1,8 +1,8 @@
 """Tests for core/methods and the runner's use of them: budgets per layer and KV head, TSP, scoring.
 
 Every method runs on the tiny random-weight models of conftest.py (llama, mistral, qwen2, qwen3 and a
-llama with llama3 rope scaling). The references here are independent of core/: the HF model's own
-forward and decoder layers, and a slow loop-by-loop reading of DESIGN.md §3.
+llama with llama3 rope scaling). The references here and in tests/helpers.py are independent of core/:
+the HF model's own forward and decoder layers, and a slow loop-by-loop reading of DESIGN.md §3.
 """
 
 import math
@@ -11,7 +11,6 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import core.methods
 from core.errors import InputError
@@ -24,7 +23,7 @@ from core.methods.scoring import window_scores
 from core.methods.snapkv import SnapKV
 from core.methods.streamingllm import StreamingLLM
 from core.runner import Runner
-from tests.helpers import assert_same_cache
+from tests.helpers import assert_same_cache, assert_top_selection, full_prefill, hf_qk, reference_window_scores
 
 WINDOW = 8  # the methods' default scoring window
 SINKS = 4  # StreamingLLM's default attention sinks
@@ -65,29 +64,6 @@ def kept_per_layer(name: str, budget: str, context_len: int, num_layers: int, ts
     return [min(count, n) for n in present]
 
 
-def full_prefill(model, ids: torch.Tensor):
-    with torch.inference_mode():
-        return model(ids[None], output_hidden_states=True)
-
-
-def hf_qk(model, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `index`'s queries [heads, n, d] and keys [kv_heads, n, d] after RoPE, the HF modules' way.
-
-    hidden: [n, hidden] input of the layer (HF's hidden_states[index]); positions: [n] position ids.
-    """
-    layer = model.model.layers[index]
-    attn, n = layer.self_attn, hidden.shape[0]
-    with torch.inference_mode():
-        x = layer.input_layernorm(hidden[None])
-        q = attn.q_proj(x).view(1, n, -1, attn.head_dim)
-        k = attn.k_proj(x).view(1, n, -1, attn.head_dim)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = model.model.rotary_emb(x, positions[None])
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    return q[0], k[0]
-
-
 def hf_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: range, mask=None) -> torch.Tensor:
     """Run the HF decoder layers `layers` on hidden [n, hidden] at position ids [n] -> [n, hidden].
 
@@ -112,32 +88,6 @@ def hf_layers(model, hidden: torch.Tensor, positions: torch.Tensor, layers: rang
 def hf_logits(model, h_last: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model.lm_head(model.model.norm(h_last)).float()
-
-
-def reference_window_scores(q, k, window: int, pooling: str, kernel: int = 7) -> torch.Tensor:
-    """DESIGN.md §3 one step at a time, in float64 Python loops -> [kv_heads, n - window].
-
-    q: [heads, n_q >= window, d] whose last `window` rows are the window; k: [kv_heads, n, d].
-    """
-    heads, d = q.shape[0], q.shape[-1]
-    kv_heads, n = k.shape[0], k.shape[1]
-    group, prefix = heads // kv_heads, n - window
-    out = torch.zeros(kv_heads, prefix, dtype=torch.float64)
-    for head in range(heads):
-        kv = head // group
-        column = [0.0] * prefix  # attention each prefix key gets, summed over the window queries
-        for w in range(window):
-            query = q[head, q.shape[1] - window + w].double()
-            visible = prefix + w + 1  # causal inside the window: window query w sees keys 0..prefix+w
-            logits = torch.stack([query @ k[kv, j].double() / math.sqrt(d) for j in range(visible)])
-            probs = (logits - logits.max()).exp()
-            probs = (probs / probs.sum()).tolist()
-            for j in range(prefix):
-                column[j] += probs[j]
-        for i in range(prefix):
-            near = [column[j] for j in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= j < prefix]
-            out[kv, i] += sum(near) / kernel if pooling == "avgpool" else max(near)
-    return out
 
 
 def untied_count(scores: torch.Tensor, count: int, window: int = WINDOW) -> int:
@@ -264,16 +214,6 @@ def test_selection_is_shared_by_the_query_heads_of_a_group():
     assert not torch.equal(keep[1], keep_other[1])
 
 
-def assert_top_selection(kept: list[int], scores: list[float], window: int = WINDOW):
-    """kept (sorted token indices) is the best-scored prefix tokens plus the window, up to exact ties."""
-    prefix = len(scores)
-    assert kept[len(kept) - window :] == list(range(prefix, prefix + window))
-    chosen = kept[: len(kept) - window]
-    assert chosen == sorted(set(chosen)) and all(0 <= i < prefix for i in chosen)
-    others = [scores[i] for i in set(range(prefix)) - set(chosen)]
-    assert min(scores[i] for i in chosen) >= max(others) - 1e-6
-
-
 @pytest.mark.parametrize("pooling", ["avgpool", "maxpool"])
 def test_snapkv_selection_matches_the_reference_in_every_layer(tiny_model, pooling):
     """Each layer's cache holds, per KV head, the tokens the §3 reference scores highest from that
@@ -285,7 +225,7 @@ def test_snapkv_selection_matches_the_reference_in_every_layer(tiny_model, pooli
         scores = reference_window_scores(*hf_qk(tiny_model, i, hidden[i][0], positions), WINDOW, pooling)
         assert layer.positions.shape == (scores.shape[0], count)
         for kept, row in zip(layer.positions.tolist(), scores.tolist(), strict=True):
-            assert_top_selection(kept, row)
+            assert_top_selection(kept, row, WINDOW)
         if pooling == "avgpool":  # no ties there: exactly the reference's choice
             assert layer.positions.tolist() == reference_top(scores, count, WINDOW)
 

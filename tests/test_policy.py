@@ -4,15 +4,22 @@ policy in tokens recorded in a saved cache; each against a slow reference or the
 import pytest
 import torch
 
-from core.engine import Engine
 from core.errors import InputError
 from core.methods import Budget, make_method
-from core.models import load_model
 from core.options import BuildPlan
 from core.runner import Runner
 from core.store import load_cache, read_manifest, save_cache
-from tests.helpers import assert_one_line_error, assert_same_cache, fastkv, make_document, random_ids
-from tests.test_methods import assert_top_selection, full_prefill, hf_qk, reference_window_scores
+from tests.helpers import (
+    assert_one_line_error,
+    assert_same_cache,
+    assert_top_selection,
+    fastkv,
+    full_prefill,
+    hf_qk,
+    make_document,
+    random_ids,
+    reference_window_scores,
+)
 
 PROMPT = 200
 
@@ -116,11 +123,6 @@ def test_an_unresolved_question_window_resolves_to_the_prompt_end_without_a_ques
 # --- the policy in tokens, in the manifest and `cache info` ---------------------------------------------------
 
 DOCUMENT = make_document([" ".join(f"Bay {i} logged {i * 3} ships in {1800 + i}." for i in range(17))])
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
 
 
 @pytest.mark.parametrize("query_aware", [False, True])

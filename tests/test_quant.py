@@ -21,8 +21,8 @@ from core.quant import (
     unpack,
 )
 from core.store import FORMAT_VERSION, load_cache, save_cache
-from tests.helpers import build
-from tests.test_store import QUESTION, refusal, rewrite_manifest, rewrite_tensors, with_paused_positions
+from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, with_paused_positions
+from tests.helpers import QUESTION, build
 
 # --- the arithmetic -----------------------------------------------------------------------------------
 

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import core.atomic
 import core.documents
@@ -30,8 +29,8 @@ from core.methods import make_method
 from core.models import EMBEDDED_PACKAGE, converted_folder, load_model
 from core.options import BuildPlan
 from core.store import load_cache, save_cache
-from tests.helpers import assert_one_line_error, fastkv, make_document
-from tests.tiny_models import fastkv_command
+from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers, make_document
+from tests.tiny_models import fastkv_command, save_slow_llama
 
 QUESTION = "How many ships did the keeper log?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThe keeper logged 41 ships in 1871.\n"
@@ -50,20 +49,9 @@ def environment(**extra: str) -> dict:
     return {**os.environ, **extra}
 
 
-def default_sigint() -> None:
-    """A shell without job control starts `cmd &` with SIGINT ignored, and children inherit that;
-    the Ctrl-C tests must see fastkv as a terminal's foreground job would, however pytest was started."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(*args, **kwargs) -> subprocess.Popen:
     env = kwargs.pop("env", environment())
     return subprocess.Popen([*fastkv_command(), *map(str, args)], env=env, preexec_fn=default_sigint, **kwargs)
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Temp files or staging folders in `folder` (and below)."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if ".tmp" in p.name or "converting" in p.name)
 
 
 # --- a model slow enough to interrupt -------------------------------------------------------------------------
@@ -71,21 +59,8 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A small Llama (6 layers, 256 wide, 32K window): a 14K-token prefill takes seconds on CPU."""
-    folder = tmp_path_factory.mktemp("slow-llama")
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
-        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight[tiny_tokenizer.eos_token_id] = 0  # the answer never ends early
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    """A 32K window: a 14K-token prefill takes seconds on CPU, and the answer never ends early."""
+    return save_slow_llama(tmp_path_factory.mktemp("slow-llama"), tiny_tokenizer, 32768, endless=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 import core.atomic
 import core.engine
 from core.engine import Engine, SavedContext
-from core.errors import CacheFileError, FastKVError, InputError
+from core.errors import FastKVError, InputError
 from core.generation import Decoding
 from core.kvcache import EMPTY, KVCache
 from core.methods import Budget, make_method
@@ -23,16 +23,14 @@ from core.prompt import encode_question
 from core.stats import RunStats
 from core.store import (
     FORMAT_VERSION,
-    MANIFEST_KEY,
     describe_cache,
     load_cache,
     read_manifest,
     save_cache,
-    tensors_sha256,
 )
-from tests.helpers import assert_bit_equal, assert_same_cache, build
+from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, update, with_paused_positions
+from tests.helpers import QUESTION, assert_bit_equal, assert_same_cache, build
 
-QUESTION = "When was the lighthouse automated?"
 OTHER_QUESTION = "Who designed the tower?"
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
 
@@ -50,16 +48,6 @@ def snapshot(cache: KVCache) -> KVCache:
 
 def json_roundtrip(value):
     return json.loads(json.dumps(value))
-
-
-def refusal(read, path: Path, *args) -> str:
-    """The CacheFileError message of read(path, *args), without the path it starts with (the path
-    holds the test's name, which must not satisfy the assertions on the cause)."""
-    with pytest.raises(CacheFileError) as error:
-        read(path, *args)
-    message = str(error.value)
-    assert message.startswith(f"{path}: "), message
-    return message.removeprefix(f"{path}: ")
 
 
 @pytest.fixture
@@ -237,33 +225,6 @@ def test_another_tokenizer_is_refused(engine, cache_file):
     assert "different tokenizer" in message
 
 
-def split_safetensors(data: bytes) -> tuple[dict, bytes]:
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]), data[8 + length :]
-
-
-def join_safetensors(header: dict, body: bytes) -> bytes:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text + body
-
-
-def rewrite_manifest(source: Path, target: Path, edit) -> Path:
-    """Copy `source` to `target` with edit(manifest) applied to the header's manifest (tensors untouched)."""
-    header, body = split_safetensors(source.read_bytes())
-    metadata = header["__metadata__"]
-    if callable(edit):
-        manifest = json.loads(metadata[MANIFEST_KEY])
-        edit(manifest)
-        metadata[MANIFEST_KEY] = json.dumps(manifest)
-    elif edit is None:
-        del metadata[MANIFEST_KEY]
-    else:
-        metadata[MANIFEST_KEY] = edit
-    target.write_bytes(join_safetensors(header, body))
-    return target
-
-
 def test_rewriting_the_header_alone_keeps_a_loadable_file(cache_file, tmp_path):
     """Control for the manifest cases below: the rewrite itself breaks nothing."""
     path = rewrite_manifest(cache_file, tmp_path / "same.fkv", lambda manifest: None)
@@ -396,27 +357,9 @@ def test_a_missing_file_or_directory_is_refused(tmp_path, path):
     assert refusal(load_cache, tmp_path / path) == "no such cache file"
 
 
-def rewrite_tensors(source: Path, target: Path, edit, rehash: bool = True) -> Path:
-    """Re-save `source` with edit(tensors) applied; with `rehash`, the manifest's checksum is updated so
-    the load gets past the checksum to the structural check under test."""
-    tensors = load_file(source)
-    with safe_open(str(source), framework="pt") as f:
-        metadata = f.metadata()
-    edit(tensors)
-    manifest = json.loads(metadata[MANIFEST_KEY])
-    if rehash:
-        manifest["tensors_sha256"] = tensors_sha256(tensors)
-    target.write_bytes(save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)}))
-    return target
-
-
 def drop_layer(tensors):
     for part in ("keys", "values", "positions"):
         del tensors[f"layers.{NUM_LAYERS - 1}.{part}"]
-
-
-def update(name, change):
-    return lambda tensors: tensors.update({name: change(tensors[name])})
 
 
 def out_of_range(positions):
@@ -506,16 +449,6 @@ def fill_deeper_layer(tensors):
         tensors[f"layers.{NUM_LAYERS - 1}.{part}"] = tensors[f"layers.1.{part}"][:, :3].contiguous()
     kv_heads = tensors["layers.1.keys"].shape[0]
     tensors[f"layers.{NUM_LAYERS - 1}.positions"] = torch.arange(3, dtype=torch.int32).repeat(kv_heads, 1)
-
-
-def with_paused_positions(tensors, context: int | None = None):
-    """A version 7 or older file's tensors: the positions of a paused prefill's layers stored too.
-    `context`: the file's context tokens, where its hidden states are quantized codes."""
-    context = context or tensors["paused.hidden"].shape[0]
-    kv_heads = tensors["layers.1.keys.scale" if "layers.1.keys.scale" in tensors else "layers.1.keys"].shape[0]
-    for name in [name for name in tensors if name.endswith(".keys")]:
-        every = torch.arange(context, dtype=torch.int32).repeat(kv_heads, 1)
-        tensors.setdefault(name.removesuffix("keys") + "positions", every)
 
 
 PAUSED_CASES = {

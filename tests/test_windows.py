@@ -5,10 +5,8 @@ crashed every query of a query-aware cache whose question was shorter)."""
 import pytest
 import torch
 
-from core.engine import Engine
 from core.generation import Decoding, generate
 from core.methods import Budget, PauseAfter, make_method
-from core.models import load_model
 from core.options import BuildPlan
 from core.runner import Runner
 from core.store import save_cache
@@ -71,11 +69,6 @@ KINDS = {
     "steered": {"questions": ["Which lamp burned longest?"]},
     "query-aware": {"query_aware": True},
 }
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_folder) -> Engine:
-    return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))
 
 
 @pytest.mark.parametrize("window", [1, 8, 32, 300])

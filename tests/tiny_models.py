@@ -120,6 +120,24 @@ def save_tiny_llama(folder: Path, tokenizer: PreTrainedTokenizerFast, window: in
     tokenizer.save_pretrained(folder)
 
 
+def save_slow_llama(folder: Path, tokenizer: PreTrainedTokenizerFast, window: int, endless: bool = False) -> Path:
+    """A Llama slow enough to interrupt on CPU (6 layers, 256 wide) with a `window`-token context: a long prefill
+    takes seconds. `endless`: it never predicts the end of the answer, so an answer runs to its token limit."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=window,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if endless:
+        with torch.no_grad():
+            model.lm_head.weight[tokenizer.eos_token_id] = 0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_gpt2(folder: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     """A complete tiny GPT-2 folder: loadable by transformers, refused by fastkv."""
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
