@@ -22,7 +22,7 @@ from typing import ClassVar, TypeVar
 from torch import Tensor
 
 from core.documents import Document
-from core.engine import Engine, SavedContext
+from core.engine import Engine
 from core.generation import Decoding
 from core.kvcache import KVCache
 from core.methods import Budget, LayerInput, Method, Selection
@@ -30,6 +30,7 @@ from core.methods.fullkv import FullKV
 from core.options import BuildPlan
 from core.prompt import encode_question
 from core.runner import Prefill, Runner
+from core.saved import SavedContext
 from core.stats import RunStats, Stopwatch
 
 R = TypeVar("R")

@@ -2,14 +2,11 @@
 command, date and machine as the section that links it."""
 
 import json
-import sys
 from pathlib import Path
 
+import common
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the bench scripts import each other
-import common  # noqa: E402
 
 
 @pytest.fixture
