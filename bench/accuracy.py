@@ -23,7 +23,7 @@ Fidelity compares every answer with fullkv's `ask` answer to the same question: 
 greedy answers, and KL(fullkv || method) of the first answer token's distribution. It measures the
 compression itself, also where the small model answers wrongly. A saved mode's answers are also
 compared with `ask`'s at the same method and budget (every-token: fastkv's, what `fastkv ask` runs).
-Every answer is saved after each document (docs/accuracy-*.json, beside the plot); for a run that was
+Every answer is saved after each document (docs/results/accuracy-*.json, beside the plot); for a run that was
 stopped, the same options with `--from-raw` render the tables, plot and section from them, and with
 `--resume` go on with the documents it left.
 `--half` keeps one fixed half of the items (bench/tasks: settings are chosen on `tuning`, claims made

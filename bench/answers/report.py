@@ -3,7 +3,7 @@ docs/benchmarks.md section that gathers them with the target lines."""
 
 from pathlib import Path
 
-from common import Table, cell
+from common import Table, cell, link
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
 from answers.checks import TARGET_BUDGET, fmt
@@ -126,5 +126,5 @@ def section_body(
 ) -> str:
     targets = [TARGETS_HEADING, "", *[f"- {line}" for line in verdicts], ""] if verdicts else []
     targets += [SAVED_HEADING, "", *[f"- {line}" for line in saved], ""] if saved else []
-    plot_link = f"![Accuracy against KV budget per method and mode]({plot_path.name})"
+    plot_link = f"![Accuracy against KV budget per method and mode]({link(plot_path)})"
     return "\n".join([*(t.markdown() for t in tables), fullkv_line(outcomes), "", *targets, plot_link, ""])

@@ -15,7 +15,7 @@ from answers.outcomes import from_record, kl_divergence, record
 from answers.report import section_body
 from answers.run import run, run_ask, run_saved
 from answers.variants import MODES, REFERENCE, STORED_FACTOR, Settings, plan, stored_budget, variant_methods
-from common import Report
+from common import RAW, Report
 from tasks import Item, docqa, passkey, text_document
 from tasks.replay import question_ids, record_build, record_prefill, replay, replay_build, shared_recordings
 from tasks.scoring import contains_answer, normalise, passkey_found, score, token_f1
@@ -365,5 +365,5 @@ def test_the_targets_are_judged_only_in_a_run_at_their_budget(engine, tiny_items
 
     assert checks(focused) == []
     assert any("gives fullkv's greedy answer" in line for line in checks(judged))
-    body = section_body([], focused, [], [], Path("p.png"))
-    assert "Targets at budget" not in body and body.endswith("(p.png)\n")
+    body = section_body([], focused, [], [], RAW / "p.png")
+    assert "Targets at budget" not in body and body.endswith("(results/p.png)\n")  # relative to benchmarks.md
