@@ -125,7 +125,7 @@ def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefil
 def replay_build(
     runner: Runner, saved: SavedContext, recording: Recording, method: Method, query_budget: Budget | None
 ) -> SavedContext:
-    """What engine.build(documents, method, query_budget) returns, from a recorded build of the documents."""
+    """What engine.build(documents, BuildPlan(method, query_budget)) returns, from a recorded build of them."""
     prefill, seconds = replay(runner, recording, method)
     stats = replace(
         saved.stats,
