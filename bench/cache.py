@@ -33,11 +33,12 @@ from common import MIB, Report, Table, cell, interleaved, medians, prompt_ids, r
 from safetensors import safe_open
 
 from core.documents import read_documents
-from core.engine import Engine, SavedContext
+from core.engine import Engine
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.options import BuildPlan
 from core.quant import BITS
+from core.saved import SavedContext
 from core.store import CODED, decoded, dequantized, load_cache, save_cache
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
