@@ -69,7 +69,7 @@ def unsupported_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
-# saved contexts of one tiny document, built once per test module (tests/test_store.py and the storage tests)
+# saved contexts of one tiny document, built once per test module (the storage tests, tests/storage/)
 @pytest.fixture(scope="module")
 def engine(tiny_model_folder) -> Engine:
     return Engine(load_model(str(tiny_model_folder.path), device="cpu", dtype="float32"))

@@ -28,6 +28,7 @@ from core.methods import Budget, LayerInput, Method, Selection
 from core.methods.fullkv import FullKV
 from core.options import BuildPlan
 from core.runner import Prefill, Runner
+from core.storage import MethodRecord
 
 R = TypeVar("R")
 
@@ -123,11 +124,11 @@ def replay_build(
 ) -> SavedContext:
     """What engine.build(documents, method, query_budget) returns, from a recorded build of the documents."""
     prefill, seconds = replay(runner, recording, method)
-    manifest = {
-        **saved.manifest,
-        "method": {"name": method.name, "parameters": method.parameters()},
-        "query_budget": None if query_budget is None else str(query_budget),
-    }
+    manifest = replace(
+        saved.manifest,
+        method=MethodRecord(method.name, method.parameters()),
+        query_budget=None if query_budget is None else str(query_budget),
+    )
     stats = replace(
         saved.stats,
         prefill_s=seconds,
