@@ -72,7 +72,7 @@ class Codes:
 
 def step_for(x: Tensor, bits: int, group: int, dim: int) -> float:
     """The step whose rounding error (step**2 / 12) is the mean squared error of `bits`-bit group-wise affine
-    storage (core/quant.py) on `x`: the same error, spread evenly."""
+    storage (quant.py) on `x`: the same error, spread evenly."""
     x = x.float()
     error = (dequantize(quantize(x, bits, group, dim), tuple(x.shape), bits, group, dim, torch.float32) - x).pow(2)
     step = math.sqrt(12 * float(error.mean()))
