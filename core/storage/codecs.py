@@ -36,9 +36,9 @@ from core.storage.quant import (
 from core.storage.scheme import CODED, FLOAT_DTYPES, STORAGE_DTYPES, Quantization, quantization_for
 
 DEQUANTIZED = torch.float32  # a quantized or coded file's tensors as a load first rebuilds them
-CODED_FLOATS = torch.float16  # a coded file's float tensors that are not coded: the held queries
+# a coded file's float tensors that are not coded: the held queries, the empty deeper layers
+CODED_FLOATS = torch.float16
 CODED_PARTS = ("coded.words", "coded.lengths", "coded.tables", "coded.classes", "coded.centers", "coded.escapes")
-FP32 = 4
 CHUNK_BYTES = 64  # per code of the chunk a coded save rounds and counts at a time (int64 codes, offsets, symbols)
 BLOCK_BYTES = 4  # per code of the block it codes: int16 symbols and about as many bytes of rANS words
 
@@ -158,11 +158,8 @@ class QuantizedCodec(Codec):
         """Codes, the hidden states' at their own width, plus a float16 scale and zero point per group: values in
         groups of channels; keys and hidden states in groups of tokens per channel, a short last group counted
         whole. About 6% beyond the codes for int8 in groups of 64."""
-        bits, kv_width, group = (
-            BITS[self.name],
-            extent.kv_heads * extent.head_dim,
-            group_size(extent.head_dim, extent.hidden),
-        )
+        bits = BITS[self.name]
+        kv_width, group = extent.kv_heads * extent.head_dim, group_size(extent.head_dim, extent.hidden)
         values = extent.slots * kv_width // group
         keys = extent.slots * kv_width // group + extent.layers * kv_width  # at most one short group a layer
         hidden = extent.hidden_elements // group + (extent.hidden if extent.held else 0)
@@ -197,7 +194,11 @@ class CodedCodec(Codec):
         """The keys and values as float32 [tokens, channels] (the keys turned back from RoPE), a block's symbols and
         words, a chunk's codes."""
         kv = extent.kv_elements
-        return FP32 * kv + BLOCK_BYTES * min(kv + extent.hidden_elements, coded.BLOCK) + CHUNK_BYTES * coded.CHUNK
+        return (
+            torch.float32.itemsize * kv
+            + BLOCK_BYTES * min(kv + extent.hidden_elements, coded.BLOCK)
+            + CHUNK_BYTES * coded.CHUNK
+        )
 
 
 def cast(floats: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
