@@ -56,7 +56,7 @@ from core.engine import Engine
 from core.errors import FastKVError
 from core.generation import Decoding
 from core.methods import METHODS, Budget
-from core.store import STORAGE_DTYPES
+from core.storage import STORAGE_DTYPES
 
 TASKS = ("passkey", "docqa")
 DEFAULT_METHODS = ["fullkv", "fastkv", "snapkv", "streamingllm", "gemfilter"]

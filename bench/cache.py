@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -37,9 +37,9 @@ from core.engine import Engine
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, Budget, make_method
 from core.options import BuildPlan
-from core.quant import BITS
 from core.saved import SavedContext
-from core.store import CODED, decoded, dequantized, load_cache, save_cache
+from core.storage import CODED, codec_for, load_cache, save_cache
+from core.storage.quant import BITS
 
 EMBEDDED_TOKENS = [7500]  # what fits the embedded model's 8K window with the 256 tokens left for a question
 MODEL_TOKENS = [8192, 16384]  # any other model (the targets are judged at 8K on the benchmark model)
@@ -100,7 +100,7 @@ def build_all(engine: Engine, document: Path, folder: Path, made: list[Kind]) ->
             )
         saved = builds[kind.build_key()]
         query_budget = None if kind.query_budget is None else str(kind.query_budget)
-        manifest = {**saved.manifest, "query_budget": query_budget}
+        manifest = replace(saved.manifest, query_budget=query_budget)
         files[kind.name] = {}
         for dtype in (*STORAGE, CODED) if kind.query_aware else STORAGE:
             path = folder / f"{kind.name.replace(' ', '-')}-{dtype}.fkv"
@@ -123,11 +123,10 @@ def in_memory(engine: Engine, path: Path) -> tuple[int, int, Callable[[], object
     with safe_open(str(path), framework="pt") as f:
         stored = {name: f.get_tensor(name) for name in f.keys()}
     stored_bytes = sum(tensor.nbytes for tensor in stored.values())
-    if manifest["quantization"] is None:
+    if manifest.storage.quantization is None:
         return resident, stored_bytes, cache.clone, None
-    if manifest["dtype"] == CODED:
-        return resident, stored_bytes, cache.clone, partial(decoded, path, stored, manifest, engine.runner)
-    return resident, stored_bytes, cache.clone, partial(dequantized, path, stored, manifest)
+    decode = codec_for(manifest.storage.dtype).decode
+    return resident, stored_bytes, cache.clone, partial(decode, stored, manifest, engine.runner)
 
 
 def query_from_disk(engine: Engine, path: Path) -> None:
@@ -228,7 +227,7 @@ def length_table(rows: list[Row], reprefill_s: float, tokens: int, model: str, b
         f"already loaded. {REPREFILL}: read + tokenize + prefill document and question + first token. Medians of "
         "interleaved runs. Held: the loaded cache kept between questions, de-quantized (what cache query and the "
         "server do) or as stored; per question: the fresh copy each question starts from, a copy of the "
-        "de-quantized cache or de-quantizing the stored tensors with store.dequantized, its per-tensor checks "
+        "de-quantized cache or de-quantizing the stored tensors with their codec's decode, its per-tensor checks "
         "included."
         + (" Fresh process: `python -m fastkv_cli cache query FILE Q --max-new-tokens 1` wall time." if fresh else "")
     )

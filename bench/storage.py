@@ -1,14 +1,14 @@
 """Which storage keeps the default saved cache's answers: the query-aware cache stored in float16, and in
 int4 with its paused hidden states at each width of --hidden-bits, on the docqa questions of one half.
 `--added-bits` adds int4 storages whose keys and values have that many more bits in every layer than
-int4's (hidden states at int4's width), `--int8` int8 storage and `--coded` coded storage (core/coded.py): the
+int4's (hidden states at int4's width), `--int8` int8 storage and `--coded` coded storage (core/storage/coded.py): the
 frontier between the file's size and `ask`'s answers.
 
 python bench/storage.py [--hidden-bits 8 6 5 4] [--added-bits 1 2] [--int8] [--coded] [--half tuning|held-out]
                         [--documents PATH ...] [--limit N] [--model M] [--tag T] [--no-write] [--from-raw]
 
 Each document is built once, paused at fastkv's TSP layer as `cache build` does, and each storage's tensors
-go through the file's quantizer and back in memory (store.cache_tensors and store.cache_from_tensors: what
+go through the file's quantizer and back in memory (core.storage's cache_tensors and cache_from_tensors: what
 `cache build` writes and `cache query` reads, without the disk). Per storage: answers equal to `ask`'s
 (fastkv at its default budget), docqa score, mean KL(float16 || storage) of the first answer token, and the
 stored tensors' bytes as a share of the float16 fullkv cache's, plotted against the answers kept, with the two
@@ -21,7 +21,7 @@ runs nothing: it renders the answers file a run with the same options wrote.
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,9 +41,10 @@ from core.engine import Engine
 from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, make_method
 from core.options import BuildPlan
-from core.quant import CODE_WIDTHS, HIDDEN_BITS
 from core.saved import SavedContext, fullkv_file_bytes
-from core.store import FORMAT_VERSION, cache_from_tensors, cache_tensors, quantization_for
+from core.storage import Manifest, Quantization, cache_from_tensors, cache_tensors, quantization_for, tensors_sha256
+from core.storage import Storage as FileStorage
+from core.storage.quant import CODE_WIDTHS, HIDDEN_BITS
 
 DEFAULT_HIDDEN_BITS = [8, 6, 5, 4]
 FILE_TARGET = 100 * CACHE_TARGETS["size_share"]  # the file target, in % of the float16 fullkv file
@@ -62,22 +63,21 @@ class Storage:
         plural = "s" if self.added_bits > 1 else ""
         return label + (f", keys and values +{self.added_bits} bit{plural} by layer" if self.added_bits else "")
 
-    def quantization(self, manifest: dict) -> dict | None:
-        scheme = quantization_for(self.dtype, manifest["model"], manifest["paused_layer"])
+    def quantization(self, manifest: Manifest) -> Quantization | None:
+        scheme = quantization_for(self.dtype, manifest.model, manifest.paused_layer)
         if scheme is None:
             return None
-        layer_bits = [width + self.added_bits for width in scheme["layer_bits"]]
-        return {**scheme, "hidden_bits": self.hidden_bits or scheme["hidden_bits"], "layer_bits": layer_bits}
+        layer_bits = tuple(width + self.added_bits for width in scheme.layer_bits)
+        return replace(scheme, hidden_bits=self.hidden_bits or scheme.hidden_bits, layer_bits=layer_bits)
 
 
 def stored(engine: Engine, saved: SavedContext, storage: Storage) -> tuple[SavedContext, int]:
     """`saved` as a file in `storage` would give it back, and the bytes of that file's tensors."""
     quantization = storage.quantization(saved.manifest)
     tensors = cache_tensors(saved.cache, storage.dtype, quantization, engine.runner)
-    manifest = {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": storage.dtype}
-    manifest["quantization"] = quantization
+    manifest = replace(saved.manifest, storage=FileStorage(storage.dtype, quantization, tensors_sha256(tensors)))
     device, dtype = engine.loaded.device, engine.loaded.dtype
-    cache = cache_from_tensors(Path("<in memory>"), tensors, manifest, device, dtype, engine.runner)
+    cache = cache_from_tensors(tensors, manifest, device, dtype, engine.runner)
     return SavedContext(cache, manifest, saved.stats), sum(tensor.nbytes for tensor in tensors.values())
 
 
@@ -96,8 +96,8 @@ def run(engine: Engine, items: list, storages: list[Storage], decoding: Decoding
         asked = [run_ask(engine, item, settings, lambda: None)[1].text for item in group]
         reserved = max(len(question_ids(engine, item.question)) for item in group) + decoding.max_new_tokens
         saved = engine.build([group[0].document], BuildPlan(method, query_aware=True), reserved=reserved)
-        context = saved.manifest["context_tokens"]
-        fullkv = fullkv_file_bytes(saved.manifest["model"], context)
+        context = saved.manifest.context_tokens
+        fullkv = fullkv_file_bytes(saved.manifest.model, context)
         reference = {}
         for storage in storages:
             copy, nbytes = stored(engine, saved, storage)

@@ -21,9 +21,19 @@ from core.options import BuildPlan
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
-from core.saved import BuiltCache, SavedContext, manifest_pages_used, query_method
+from core.saved import BuiltCache, SavedContext, query_method
 from core.stats import RunStats, Stopwatch
-from core.store import check_target, load_cache, read_manifest, save_cache
+from core.storage import (
+    DocumentRecord,
+    Manifest,
+    MethodRecord,
+    ModelFingerprint,
+    Template,
+    check_target,
+    load_cache,
+    read_manifest,
+    save_cache,
+)
 from core.token_limit import TokenLimit
 
 QUESTION_RESERVE = 256  # tokens a saved context leaves free in the window for a question and its answer
@@ -224,28 +234,28 @@ class Engine:
         self.record_cache(stats, cache)
         return SavedContext(cache, self.manifest(documents, context, plan, pause), stats)
 
-    def manifest(self, documents: list[Document], context: Context, plan: BuildPlan, pause: int | None) -> dict:
+    def manifest(self, documents: list[Document], context: Context, plan: BuildPlan, pause: int | None) -> Manifest:
         """What a saved context records of its model, method, context and documents (the file adds its storage)."""
-        return {
-            "fastkv_version": FASTKV_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"name": self.loaded.name, "spec": self.loaded.spec, **model_fingerprint(self.loaded)},
-            "tokenizer_sha256": tokenizer_sha256(self.loaded.tokenizer),
-            "method": {"name": plan.method.name, "parameters": plan.method.parameters()},
-            "query_budget": None if plan.query_budget is None else str(plan.query_budget),
-            "steering_questions": len(plan.questions),
-            "paused_layer": pause,
-            "policy": plan.method.resolved(len(context.ids), self.runner.num_layers),
-            "context_tokens": len(context.ids),
-            "dropped_tokens": context.dropped_tokens,
-            "template": {"question_prefix": self.template.question_prefix, "tail": self.template.tail},
-            "documents": [
-                {**summary, "size": doc.size, "page_token_spans": spans}
-                for doc, summary, spans in zip(
-                    documents, document_summaries(documents, context), context.page_token_spans, strict=True
+        return Manifest(
+            fastkv_version=FASTKV_VERSION,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model=ModelFingerprint(name=self.loaded.name, spec=self.loaded.spec, **model_fingerprint(self.loaded)),
+            tokenizer_sha256=tokenizer_sha256(self.loaded.tokenizer),
+            method=MethodRecord(plan.method.name, plan.method.parameters()),
+            query_budget=None if plan.query_budget is None else str(plan.query_budget),
+            steering_questions=len(plan.questions),
+            paused_layer=pause,
+            policy=plan.method.resolved(len(context.ids), self.runner.num_layers),
+            context_tokens=len(context.ids),
+            dropped_tokens=context.dropped_tokens,
+            template=Template(self.template.question_prefix, self.template.tail),
+            documents=tuple(
+                DocumentRecord(doc.name, doc.sha256, doc.pages, tokens, doc.size, tuple(spans))
+                for doc, tokens, spans in zip(
+                    documents, context.tokens_per_document, context.page_token_spans, strict=True
                 )
-            ],
-        }
+            ),
+        )
 
     def build_file(
         self,
@@ -274,29 +284,29 @@ class Engine:
             manifest = read_manifest(output)
         except FastKVError:
             return False
-        built = manifest["model"]
+        built = manifest.model
         return (
-            [(d["name"], d["sha256"]) for d in manifest["documents"]] == [(doc.name, doc.sha256) for doc in documents]
-            and all(built.get(key) == value for key, value in model_fingerprint(self.loaded).items())
-            and manifest["tokenizer_sha256"] == tokenizer_sha256(self.loaded.tokenizer)
-            and manifest["method"] == {"name": plan.method.name, "parameters": plan.method.parameters()}
-            and manifest["query_budget"] == (None if plan.query_budget is None else str(plan.query_budget))
-            and manifest["steering_questions"] == len(plan.questions)
-            and (manifest["paused_layer"] is not None) == plan.query_aware
-            and manifest["dtype"] == plan.storage
-            and (manifest["dropped_tokens"] == 0 or plan.truncate is not None)
+            [(d.name, d.sha256) for d in manifest.documents] == [(doc.name, doc.sha256) for doc in documents]
+            and all(getattr(built, key) == value for key, value in model_fingerprint(self.loaded).items())
+            and manifest.tokenizer_sha256 == tokenizer_sha256(self.loaded.tokenizer)
+            and manifest.method == MethodRecord(plan.method.name, plan.method.parameters())
+            and manifest.query_budget == (None if plan.query_budget is None else str(plan.query_budget))
+            and manifest.steering_questions == len(plan.questions)
+            and (manifest.paused_layer is not None) == plan.query_aware
+            and manifest.storage.dtype == plan.storage
+            and (manifest.dropped_tokens == 0 or plan.truncate is not None)
         )
 
-    def check_compatible(self, manifest: dict, path: str) -> None:
+    def check_compatible(self, manifest: Manifest, path: str) -> None:
         """Refuse a cache built with another model or tokenizer, naming which."""
-        built, here = manifest["model"], model_fingerprint(self.loaded)
-        different = [key for key, value in here.items() if built.get(key) != value]
+        built, here = manifest.model, model_fingerprint(self.loaded)
+        different = [key for key, value in here.items() if getattr(built, key) != value]
         if different:
             raise CacheFileError(
-                f"{path}: built with model {built['name']!r}, which differs from the loaded '{self.loaded.name}' "
+                f"{path}: built with model {built.name!r}, which differs from the loaded '{self.loaded.name}' "
                 f"({', '.join(different)}); pass --model with the model it was built with"
             )
-        if manifest["tokenizer_sha256"] != tokenizer_sha256(self.loaded.tokenizer):
+        if manifest.tokenizer_sha256 != tokenizer_sha256(self.loaded.tokenizer):
             raise CacheFileError(f"{path}: built with a different tokenizer than the loaded model's")
 
     def load_saved(self, path) -> SavedContext:
@@ -318,12 +328,12 @@ class Engine:
         """Answer from a fresh copy of a saved context: append the question, re-select, decode."""
         stats, clock = RunStats(load_s=self.load_s, cache_load_s=saved.stats.cache_load_s), Stopwatch()
         manifest = saved.manifest
-        template = PromptTemplate("", "", manifest["template"]["question_prefix"], manifest["template"]["tail"])
+        template = PromptTemplate("", "", manifest.template.question_prefix, manifest.template.tail)
         question_ids = encode_question(self.loaded.tokenizer, template, question)
-        needed = manifest["context_tokens"] + len(question_ids) + decoding.max_new_tokens
+        needed = manifest.context_tokens + len(question_ids) + decoding.max_new_tokens
         if needed > self.loaded.context_window:
             raise ContextOverflowError(
-                f"the cached context ({manifest['context_tokens']:,} tokens) plus this question and answer need "
+                f"the cached context ({manifest.context_tokens:,} tokens) plus this question and answer need "
                 f"{needed:,} tokens, more than the model's window of {self.loaded.context_window:,}"
             )
         stats.tokenize_s = clock.lap()
@@ -334,12 +344,18 @@ class Engine:
         text = self.decode(cache, logits, decoding, on_text, stats, clock)
         stats.ttft_s += stats.cache_load_s or 0.0
         documents = [
-            {**{key: doc[key] for key in ("name", "sha256", "pages", "tokens")}, "pages_used": used}
-            for doc, used in zip(manifest["documents"], manifest_pages_used(manifest), strict=True)
+            {
+                "name": doc.name,
+                "sha256": doc.sha256,
+                "pages": doc.pages,
+                "tokens": doc.tokens,
+                "pages_used": doc.pages_used,
+            }
+            for doc in manifest.documents
         ]
-        method = manifest["method"]
-        label = selection.budget_label if selection else method["parameters"].get("budget")
-        return Answer(question, text, self.loaded.name, method["name"], label, documents, stats, logits)
+        method = manifest.method
+        label = selection.budget_label if selection else method.parameters.get("budget")
+        return Answer(question, text, self.loaded.name, method.name, label, documents, stats, logits)
 
     def append_question(
         self, saved: SavedContext, question_ids: list[int], budget: Budget | None = None

@@ -111,8 +111,8 @@ class Paused:
 
     layer: int
     hidden: Tensor  # [context tokens, hidden_size], in position order
-    queries: Tensor | None = None  # [layer + 1, heads, held tokens, head_dim], after RoPE; None: none held
-    ids: Tensor | None = None  # [context tokens] int64; None: read from a file older than version 11
+    queries: Tensor | None  # [layer + 1, heads, held tokens, head_dim], after RoPE; None: none held
+    ids: Tensor  # [context tokens] int64
 
     @property
     def nbytes(self) -> int:
@@ -120,8 +120,7 @@ class Paused:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None) -> "Paused":
         queries = None if self.queries is None else self.queries.to(device, dtype)
-        ids = None if self.ids is None else self.ids.to(device)
-        return Paused(self.layer, self.hidden.to(device, dtype), queries, ids)
+        return Paused(self.layer, self.hidden.to(device, dtype), queries, self.ids.to(device))
 
     def window_queries(self, i: int, q: Tensor) -> Tensor:
         """Layer i's queries of the appended tokens q [heads, n, d], after the held context queries."""

@@ -21,8 +21,9 @@ the device kind. It counts, in bytes:
   half precision, flash-attn) need O(n) memory; CUDA in float32 falls back to SDPA's math path,
   which materializes the [heads, n, n] scores. Plus the selection scores of the last window;
 - decoding: the cache's growth room once answer tokens are appended (kvcache.LayerKV.append);
-- saving (`cache build`): the stored copy of the cache and its serialized bytes, held with the cache;
-  an int8/int6/int4 copy counts its codes and the float16 scale and zero point of every group (core/quant.py).
+- saving (`cache build`): the stored copy of the cache and its serialized bytes, held with the cache, as the
+  storage's codec counts them (core/storage: an int8/int6/int4 copy's codes and the float16 scale and zero point
+  of every group, for instance), and what its encoder holds meanwhile.
 
 The check compares what the run still has to allocate with what the device has free: on CPU,
 MemAvailable (capped by a cgroup memory limit), counting weights that are memory-mapped from their
@@ -36,10 +37,9 @@ from pathlib import Path
 
 import torch
 
-from core.coded import BLOCK, CHUNK
 from core.errors import MemoryLimitError
 from core.methods import Budget, Method
-from core.quant import BITS, PARAM_DTYPE, group_size, hidden_bits
+from core.storage import Extent, codec_for, stored_bytes
 
 GIB = 1 << 30
 FP32 = 4
@@ -159,37 +159,6 @@ def attention_bytes(s: Sizes, tokens: int, b: int, device: str, window: int) -> 
     return scores
 
 
-CHUNK_BYTES = 64  # per code of the chunk a coded save rounds and counts at a time (int64 codes, offsets, symbols)
-BLOCK_BYTES = 4  # per code of the block it codes: int16 symbols and about as many bytes of rANS words
-
-
-def stored_bytes(s: Sizes, slots: int, paused: int, dtype: torch.dtype | str) -> int:
-    """The cache as `cache build` stores it in `dtype` (a torch float dtype or a --cache-dtype name):
-    keys and values of `slots` token entries, `paused` hidden-state elements and int32 positions (none
-    with hidden states: a paused prefill caches every token up to its layer and nothing deeper). int8, int6
-    and int4 (core/quant.py) store codes, the hidden states' at quant.hidden_bits, plus a float16 scale and zero
-    point per group: values in groups of channels; keys and hidden states in groups of tokens per channel,
-    a short last group counted whole. About 6% beyond the codes for int8 in groups of 64. A paused prefill's
-    layer 0 is stored as its int32 token ids. Coded storage (core/coded.py) is counted as int6, the bytes it
-    rounds to and, at 5.3 bits a value against 6.5, more than it stores."""
-    if dtype == "coded":
-        dtype = "int6"
-    positions = 0 if paused else 4 * s.kv_heads * slots
-    if paused:
-        tokens = paused // s.hidden
-        slots, positions = slots - tokens, 4 * tokens
-    kv = 2 * slots * s.kv_width
-    if dtype not in BITS:
-        return positions + (kv + paused) * element_size(
-            dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-        )
-    group = group_size(s.head_dim, s.hidden)
-    groups = slots * s.kv_width // group + paused // group + (s.hidden if paused else 0)  # values, hidden states
-    groups += slots * s.kv_width // group + s.layers * s.kv_width  # keys: at most one short group per layer
-    codes = -(-kv * BITS[dtype] // 8) - (-paused * hidden_bits(BITS[dtype]) // 8)
-    return positions + codes + 2 * element_size(PARAM_DTYPE) * groups
-
-
 def estimate_prefill(
     config,
     tokens: int,
@@ -208,11 +177,12 @@ def estimate_prefill(
     held = held_bytes_per_token(s, b)
     allocated = allocated_bytes_per_token(s, b) + b * s.hidden + 2 * b * s.head_dim  # + what lives across layers
     growth = s.layers * max(new_tokens, DECODE_ROOM, slots // s.layers // 8) if new_tokens else 0
-    paused = s.hidden * method.held_tokens(tokens)  # the hidden states a paused prefill keeps
-    stored = 0 if saved_dtype is None else 2 * stored_bytes(s, slots, paused, saved_dtype)  # a copy and its bytes
-    if saved_dtype == "coded":  # the keys and values as float32 [tokens, channels] (the keys turned back from RoPE)
-        coded = 2 * slots * s.kv_width
-        stored += FP32 * coded + BLOCK_BYTES * min(coded + paused, BLOCK) + CHUNK_BYTES * CHUNK
+    held_tokens = method.held_tokens(tokens)  # whose hidden states a paused prefill keeps
+    paused = s.hidden * held_tokens
+    extent = Extent(s.layers, s.kv_heads, s.head_dim, s.hidden, slots, held_tokens)
+    stored = 0
+    if saved_dtype is not None:  # a copy and its bytes, and what encoding the copy holds
+        stored = 2 * stored_bytes(saved_dtype, extent) + codec_for(saved_dtype).working_bytes(extent)
     return MemoryEstimate(
         tokens=tokens,
         weights=s.parameters() * b,

@@ -5,9 +5,7 @@ from dataclasses import dataclass, field
 
 from core.errors import InputError
 from core.methods import DEFAULT_METHOD, Budget, Method, make_method
-from core.store import check_cache_dtype, storage_for
-
-QUERY_AWARE, TWO_STAGE, QUESTION_BLIND = "query-aware", "two-stage", "question-blind"  # the kinds of saved cache
+from core.storage import QUERY_AWARE, QUESTION_BLIND, TWO_STAGE, check_cache_dtype, storage_for
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class BuildOptions:
     query_budget: str | None = None
     questions: tuple[str, ...] = ()
     query_aware: bool | None = None  # None: query-aware wherever the method can pause (BuildPlan.of)
-    cache_dtype: str | None = None  # None: the storage default of the kind (core/store.py: storage_for)
+    cache_dtype: str | None = None  # None: the storage default of the kind (core.storage.storage_for)
     truncate: str | None = None
     ignore_memory: bool = False
 

@@ -73,7 +73,8 @@ class Runner:
 
     def rotate_keys(self, keys: Tensor, inverse: bool = False) -> Tensor:
         """Keys [kv_heads, n, head_dim] turned by RoPE at positions 0..n-1, or turned back (`inverse`): a coded
-        file stores a paused prefill's keys before RoPE, where a channel's values do not spin (core/coded.py)."""
+        file stores a paused prefill's keys before RoPE, where a channel's values do not spin
+        (core/storage/coded.py)."""
         cos, sin = self.rope(keys[0], torch.arange(keys.shape[1], device=keys.device))
         return apply_rope(keys, cos, -sin if inverse else sin)
 

@@ -7,9 +7,8 @@ from pathlib import Path
 from core.kvcache import KVCache
 from core.methods import Budget, Method, make_method
 from core.methods.snapkv import SnapKV
-from core.options import QUERY_AWARE, QUESTION_BLIND, TWO_STAGE
 from core.stats import RunStats
-from core.store import quantization_for
+from core.storage import Manifest, ModelFingerprint, quantization_for
 
 
 @dataclass
@@ -17,41 +16,30 @@ class SavedContext:
     """A prefilled context without its question: what `cache build` saves and `cache query` loads."""
 
     cache: KVCache
-    manifest: dict
+    manifest: Manifest
     stats: RunStats
 
 
-def manifest_pages_used(manifest: dict) -> list[int]:
-    return [sum(end > start for start, end in doc["page_token_spans"]) for doc in manifest["documents"]]
-
-
-def query_method(manifest: dict, budget: Budget | None, question_tokens: int) -> Method | None:
+def query_method(manifest: Manifest, budget: Budget | None, question_tokens: int) -> Method | None:
     """How a query selects from a saved context. A query-aware (paused) cache: the method it was built
     with, at `budget` if given, exactly as `ask` runs it. Otherwise two-stage selection: the question's
     own tokens score the stored ones and keep `budget` (default: the file's query budget); None when
     answers should use every stored token."""
-    method, parameters = manifest["method"]["name"], manifest["method"]["parameters"]
-    if manifest["paused_layer"] is not None:
+    method, parameters = manifest.method.name, manifest.method.parameters
+    if manifest.paused_layer is not None:
         return make_method(method, **{**parameters, "budget": budget or parameters["budget"]}).for_question(
             question_tokens
         )
-    if budget is None and manifest["query_budget"] is not None:
-        budget = Budget.parse(manifest["query_budget"])
+    if budget is None and manifest.query_budget is not None:
+        budget = Budget.parse(manifest.query_budget)
     if budget is None:
         return None
     return SnapKV(budget, window=question_tokens, pooling=parameters.get("pooling", "maxpool"))
 
 
-def cache_kind(manifest: dict) -> str:
-    """query-aware (a paused prefill), two-stage (queries re-select) or question-blind (answers use what is stored)."""
-    if manifest["paused_layer"] is not None:
-        return QUERY_AWARE
-    return QUESTION_BLIND if manifest["query_budget"] is None else TWO_STAGE
-
-
-def fullkv_file_bytes(model: dict, tokens: int) -> int:
+def fullkv_file_bytes(model: ModelFingerprint, tokens: int) -> int:
     """The tensor bytes of a float16 cache of every token: the yardstick a saved file's size is read against."""
-    per_token = model["num_layers"] * model["num_kv_heads"] * (2 * model["head_dim"] * 2 + 4)  # K, V, position
+    per_token = model.num_layers * model.num_kv_heads * (2 * model.head_dim * 2 + 4)  # K, V, position
     return per_token * tokens
 
 
@@ -69,19 +57,20 @@ class BuiltCache:
         """What `cache build --json` prints: the stable keys output/file_bytes/save_s, the kind of cache, its
         storage and its size against a float16 cache of every token, then the run's stats."""
         manifest = self.saved.manifest
-        full = fullkv_file_bytes(manifest["model"], manifest["context_tokens"])
+        scheme = quantization_for(self.storage, manifest.model, manifest.paused_layer)
+        full = fullkv_file_bytes(manifest.model, manifest.context_tokens)
         return {
             "output": str(self.output),
             "file_bytes": self.file_bytes,
             "save_s": self.save_s,
-            "model": manifest["model"]["name"],
-            "method": manifest["method"]["name"],
-            "budget": manifest["method"]["parameters"].get("budget"),
-            "kind": cache_kind(manifest),
-            "query_budget": manifest["query_budget"],
-            "paused_layer": manifest["paused_layer"],
+            "model": manifest.model.name,
+            "method": manifest.method.name,
+            "budget": manifest.method.parameters.get("budget"),
+            "kind": manifest.kind,
+            "query_budget": manifest.query_budget,
+            "paused_layer": manifest.paused_layer,
             "cache_dtype": self.storage,
-            "quantization": quantization_for(self.storage, manifest["model"], manifest["paused_layer"]),
+            "quantization": None if scheme is None else scheme.to_dict(),
             "fullkv_float16_bytes": full,
             "file_share_of_fullkv_float16": self.file_bytes / full,
             **self.saved.stats.to_dict(),

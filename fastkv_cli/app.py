@@ -286,7 +286,7 @@ def cache_build(
       fastkv cache build library/*.pdf --each -o caches/
     """
     from core.options import BuildOptions
-    from core.store import check_target
+    from core.storage import check_target
 
     if not (each or ray):
         check_target(output, force)
@@ -347,11 +347,11 @@ def cache_query(
       fastkv cache query report.fkv "Who audited it?" "When?"
     """
     from core.methods import Budget
-    from core.store import read_manifest
+    from core.storage import read_manifest
 
     reselect = None if budget is None else Budget.parse(budget)
     manifest = read_manifest(cache_file)
-    engine = load_engine(replace(spec, model=spec.model or manifest["model"]["spec"]), quiet)
+    engine = load_engine(replace(spec, model=spec.model or manifest.model.spec), quiet)
     saved = engine.load_saved(cache_file)
     for question in questions or stdin_questions():
         on_text = (lambda text: None) if json else stream_to_stdout
@@ -393,7 +393,7 @@ def cache_ask(
     """
     from core.corpus import Item, QueryTask, cache_files
     from core.methods import Budget
-    from core.store import read_manifest
+    from core.storage import read_manifest
     from fastkv_cli.each import Corpus, Renderer, query_records, run
 
     if questions is None:
@@ -416,7 +416,7 @@ def first_model(files: list[str], read_manifest) -> str | None:
     """The model the first readable cache names (the others are checked against it as they load)."""
     for path in files:
         try:
-            return read_manifest(Path(path))["model"]["spec"]
+            return read_manifest(Path(path)).model.spec
         except FastKVError:
             continue
     return None
@@ -435,7 +435,7 @@ def cache_info(
     Example:
       fastkv cache info report.fkv
     """
-    from core.store import describe_cache
+    from core.storage import describe_cache
 
     show_info(describe_cache(cache_file), json)
 

@@ -185,7 +185,7 @@ def query_records(questions: tuple[str, ...]):
 
 def output_directory(path: Path) -> Path:
     """`-o DIR` of `cache build --each`: made if missing; refused before any work if it cannot hold files."""
-    from core.store import check_writable
+    from core.storage import check_writable
 
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: not a directory; with --each, -o takes the directory the caches go to")

@@ -158,7 +158,7 @@ def query_selection(manifest: dict) -> str:
 
 
 def policy_line(manifest: dict) -> str:
-    """The method's settings in tokens for this context, as the build resolved them (store checked the counts)."""
+    """The method's settings in tokens for this context, as the build resolved them (the load checked the counts)."""
     policy = manifest["policy"] or {}
     parts = []
     if "budget_tokens" in policy:

@@ -69,6 +69,7 @@ def unsupported_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
     return folder
 
 
+# saved contexts of one tiny document, built once per test module (the storage tests, tests/storage/)
 @pytest.fixture(scope="module")
 def engine(tiny_model_folder) -> Engine:
     """The saved tiny Llama (tiny_model_folder), float32 on the CPU, loaded once per test module."""

@@ -12,7 +12,7 @@ from core.methods import make_method
 from core.methods.adaptive import HEAD_CAP, HEAD_FLOOR, adaptive_top_tokens
 from core.options import BuildPlan
 from core.runner import Runner, per_head_mask
-from core.store import FORMAT_VERSION, load_cache, read_manifest, save_cache
+from core.storage import load_cache, read_manifest, save_cache
 from tests.helpers import assert_one_line_error, assert_same_cache, fastkv, make_document, random_ids
 
 PROMPT, WINDOW = 200, 8
@@ -140,7 +140,7 @@ def test_a_head_adaptive_cache_saves_loads_and_answers_as_in_memory(engine, tmp_
     path = tmp_path / "ada.fkv"
     save_cache(path, saved.cache, saved.manifest, storage)
     cache, manifest = load_cache(path, "cpu", torch.float32)
-    assert read_manifest(path)["format_version"] == FORMAT_VERSION and manifest["method"]["name"] == "adakv"
+    assert read_manifest(path) == manifest and manifest.method.name == "adakv"
     for loaded, original in zip(cache.layers, saved.cache.layers, strict=True):
         assert torch.equal(loaded.positions, original.positions) and loaded.padded == original.padded
     if storage == "float32":

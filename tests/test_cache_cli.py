@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.store import load_cache, read_manifest
+from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
 from tests.pdfs import make_text_pdf
@@ -92,12 +92,12 @@ def test_build_writes_a_loadable_cache(built, model):
     assert summary["output"] == str(path)
     assert summary["file_bytes"] == path.stat().st_size
     assert summary["kept_tokens_per_layer"] == cache.kept_tokens_per_layer
-    assert manifest["model"]["spec"] == str(model)
-    assert manifest["method"]["name"] == "fastkv" and manifest["method"]["parameters"]["budget"] == "50%"
-    assert manifest["dtype"] == "int6" and manifest["quantization"]["bits"] == 6  # a question-blind cache's default
-    assert [(d["name"], d["pages"]) for d in manifest["documents"]] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
-    assert manifest["documents"][1]["sha256"] == hashlib.sha256(NOTES.encode()).hexdigest()
-    assert cache.seq_len == manifest["context_tokens"] == summary["context_tokens"]
+    assert manifest.model.spec == str(model)
+    assert manifest.method.name == "fastkv" and manifest.method.parameters["budget"] == "50%"
+    assert manifest.storage.dtype == "int6" and manifest.storage.quantization.bits == 6  # a question-blind default
+    assert [(d.name, d.pages) for d in manifest.documents] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
+    assert manifest.documents[1].sha256 == hashlib.sha256(NOTES.encode()).hexdigest()
+    assert cache.seq_len == manifest.context_tokens == summary["context_tokens"]
 
 
 def test_build_again_needs_force(tmp_path, documents, model):
@@ -116,7 +116,7 @@ def test_build_again_needs_force(tmp_path, documents, model):
 
     assert forced.exit_code == 0, forced.output
     assert f"wrote {path}" in forced.stderr
-    assert read_manifest(path)["dtype"] == "float32"
+    assert read_manifest(path).storage.dtype == "float32"
     assert path.stat().st_size > len(before)  # fp32 keys and values: the file was replaced
     assert [p.name for p in tmp_path.iterdir()] == ["c.fkv"]  # no temp file left behind
 
@@ -147,9 +147,9 @@ def test_build_with_steering_questions(tmp_path, documents, model):
 
     assert result.exit_code == 0, result.output
     cache, manifest = load_cache(path)
-    assert manifest["steering_questions"] == 2
-    assert cache.seq_len == manifest["context_tokens"]
-    assert all(int(layer.positions.max()) < manifest["context_tokens"] for layer in cache.layers)
+    assert manifest.steering_questions == 2
+    assert cache.seq_len == manifest.context_tokens
+    assert all(int(layer.positions.max()) < manifest.context_tokens for layer in cache.layers)
 
 
 # --- query ------------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_query_json_is_one_line_per_question_with_the_schema(built, model):
         assert data["method"] == "fastkv"
         assert data["budget"] == "50%"  # the build's budget: no re-selection was asked for
         assert [(d["name"], d["pages"]) for d in data["documents"]] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
-        assert [d["sha256"] for d in data["documents"]] == [d["sha256"] for d in manifest["documents"]]
+        assert [d["sha256"] for d in data["documents"]] == [d.sha256 for d in manifest.documents]
         stats = data["stats"]
         assert STATS_KEYS <= stats.keys()
         assert isinstance(stats["cache_load_s"], float) and stats["cache_load_s"] >= 0
@@ -356,7 +356,7 @@ def test_build_is_query_aware_wherever_it_can_be(documents, model, tmp_path, opt
     result = build(documents, path, model, *options, "--json", "--quiet")
 
     assert result.exit_code == 0, result.output
-    assert (read_manifest(path)["paused_layer"] is not None) == query_aware
+    assert (read_manifest(path).paused_layer is not None) == query_aware
     assert (json.loads(result.stdout)["kind"] == "query-aware") == query_aware
 
 

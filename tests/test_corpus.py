@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.corpus import cache_targets
-from core.store import load_cache, read_manifest
+from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers
 from tests.json_schema import SCHEMA
 from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
@@ -133,7 +133,7 @@ def test_build_each_writes_one_loadable_cache_per_document_named_after_it(docs, 
     assert sorted(os.listdir("caches")) == ["harrow.fkv", "keeper.fkv", "storms.fkv"]
     for record in records:
         cache, manifest = load_cache(Path(record["output"]))
-        assert [d["name"] for d in manifest["documents"]] == [record["document"]]
+        assert [d.name for d in manifest.documents] == [record["document"]]
         assert record["skipped"] is False and record["file_bytes"] == Path(record["output"]).stat().st_size
 
 
@@ -142,7 +142,7 @@ def test_a_rebuild_skips_what_is_up_to_date_and_redoes_what_changed(docs, model)
     Path(docs[1]).write_text("The keeper logged 42 ships in 1872.\n")
     records = lines(build(*docs, "-o", "caches", model=model))
     assert [r["skipped"] for r in records] == [True, False, True]
-    rebuilt = read_manifest(Path("caches/keeper.fkv"))["documents"][0]["sha256"]
+    rebuilt = read_manifest(Path("caches/keeper.fkv")).documents[0].sha256
     assert rebuilt == hashlib.sha256(Path(docs[1]).read_bytes()).hexdigest()
     other = fastkv("cache", "build", *docs, "--each", "-o", "caches", "--model", model, "--budget", "25%", "--json")
     assert [r["skipped"] for r in lines(other)] == [False, False, False]  # other parameters: rebuilt

@@ -16,7 +16,7 @@ from core.cluster import RayOptions, run_ray
 from core.corpus import AskTask, Item
 from core.generation import Decoding
 from core.methods import make_method
-from core.store import load_cache
+from core.storage import load_cache
 from tests.helpers import default_sigint, fastkv, leftovers
 from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
 
@@ -140,7 +140,7 @@ def test_ctrl_c_on_a_ray_run_exits_130_keeps_finished_caches_and_stops_its_runti
         assert {Path(r["output"]).name for r in records} <= set(built) and len(built) < len(names)
         for name in built:
             _, manifest = load_cache(out / name)
-            assert [d["name"] for d in manifest["documents"]] == [name.replace(".fkv", ".txt")]
+            assert [d.name for d in manifest.documents] == [name.replace(".fkv", ".txt")]
     deadline = time.monotonic() + 15
     while processes_marked(mark) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -16,17 +16,15 @@ import pytest
 import torch
 
 import core.memory
-from core.coded import CHUNK
 from core.engine import Engine
 from core.errors import MemoryLimitError
 from core.generation import Decoding
 from core.kvcache import full_kv_bytes
-from core.memory import BLOCK_BYTES, CHUNK_BYTES, FP32, MemoryGuard, Sizes, estimate_prefill, mapped_bytes
+from core.memory import MemoryGuard, Sizes, estimate_prefill, mapped_bytes
 from core.methods import METHODS, PauseAfter, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import encode_question
 from core.runner import Runner
-from core.store import cache_tensors, quantization_for
 from tests.helpers import fastkv, make_document
 
 QUESTION = "When was the lighthouse automated?"
@@ -122,45 +120,6 @@ def test_a_paused_build_counts_its_layers_and_the_hidden_states_it_holds(tiny_mo
     # int32 token ids it is rebuilt from
     assert paused.saving == full.saving // layers - 2 * positions + 2 * hidden * 2 + 2 * 4 * tokens
     assert paused.activations == full.activations  # the layers it runs see every token, as fullkv's
-
-
-@pytest.mark.parametrize("paused", [False, True], ids=["fullkv", "paused"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "int6", "int4"])
-def test_the_saving_estimate_bounds_the_stored_tensors_scales_and_zeros_included(tiny_models, dtype, paused):
-    """An int8 file's float16 scales and zero points add 4 bytes per group of 64 (about 6%): counting only
-    the codes would undercount it. The estimate may round a short last group of keys up, little more."""
-    model, tokens = tiny_models["qwen2"], 300  # 300 tokens: every layer ends with a short group of keys
-    method = PauseAfter(layer=1) if paused else make_method("fullkv")
-    ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    cache = Runner(model).prefill(ids, method).cache
-    sizes = Sizes.of(model.config)
-    model_fields = {"head_dim": sizes.head_dim, "hidden_size": sizes.hidden}
-    quantization = quantization_for(dtype, model_fields, 1 if paused else None)
-
-    stored = sum(t.nbytes for t in cache_tensors(cache, dtype, quantization).values())
-    estimate = estimate_prefill(model.config, tokens, method, torch.float32, "cpu", saved_dtype=dtype)
-
-    assert stored <= estimate.saving / 2 <= 1.05 * stored  # the stored copy, then its serialized bytes
-
-
-def test_a_coded_save_is_estimated_as_int6_plus_its_working_memory(tiny_models):
-    """Coded storage is counted as int6's bytes, which it stays under, plus what coding holds: the keys and values
-    as float32 channels, a block's symbols and words, a chunk's codes (core/coded.py; measured on the embedded
-    model at 7.5K tokens: a save grew the process's peak by 427 MiB, estimated 673)."""
-    model, tokens = tiny_models["qwen2"], 300
-    method = PauseAfter(layer=1)
-    cache = Runner(model).prefill(torch.randint(0, 100, (tokens,)), method).cache
-    sizes = Sizes.of(model.config)
-    fields = {"head_dim": sizes.head_dim, "hidden_size": sizes.hidden}
-    coded_file = cache_tensors(cache, "coded", quantization_for("coded", fields, 1), Runner(model))
-    int6_file = cache_tensors(cache, "int6", quantization_for("int6", fields, 1))
-
-    coded, int6 = (
-        estimate_prefill(model.config, tokens, method, torch.float32, "cpu", saved_dtype=d) for d in ("coded", "int6")
-    )
-    kv, hidden = 2 * tokens * 2 * sizes.kv_width, tokens * sizes.hidden  # layers 0 and 1 hold every token
-    assert sum(t.nbytes for t in coded_file.values()) < sum(t.nbytes for t in int6_file.values())
-    assert coded.saving - int6.saving == FP32 * kv + BLOCK_BYTES * (kv + hidden) + CHUNK_BYTES * CHUNK
 
 
 def test_memory_mapped_weights_are_counted_as_still_to_come(tiny_model_folder):
@@ -295,7 +254,6 @@ from pathlib import Path
 from core.methods import make_method
 from core.models import load_model
 from core.runner import Runner
-from core.store import cache_tensors, quantization_for
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))

@@ -8,7 +8,7 @@ from core.errors import InputError
 from core.methods import Budget, make_method
 from core.options import BuildPlan
 from core.runner import Runner
-from core.store import load_cache, read_manifest, save_cache
+from core.storage import load_cache, read_manifest, save_cache
 from tests.helpers import (
     assert_one_line_error,
     assert_same_cache,
@@ -132,15 +132,15 @@ def test_a_saved_cache_records_its_policy_in_tokens(engine, tmp_path, query_awar
     path = tmp_path / "c.fkv"
     save_cache(path, saved.cache, saved.manifest, "float32")
 
-    policy = read_manifest(path)["policy"]
+    policy = read_manifest(path).policy
 
-    context = saved.manifest["context_tokens"]
+    context = saved.manifest.context_tokens
     assert context // 10 < 64 < context // 5  # the floor decides the budget, the share what propagates
     assert policy["budget_tokens"] == max(context // 10, 64)
     assert policy["propagated_tokens"] == max(context // 5, policy["budget_tokens"])
     assert policy["tsp_layer"] == engine.runner.num_layers // 2 - 1
     assert policy["window"] == (None if query_aware else 8)  # each question's own, or the document's last 8
-    assert load_cache(path)[1]["policy"] == policy
+    assert load_cache(path)[1].policy == policy
     shown = fastkv("cache", "info", path)
     assert shown.exit_code == 0
     assert f"{policy['budget_tokens']:,} tokens per layer" in shown.stdout

@@ -21,14 +21,14 @@ import core.atomic
 import core.documents
 import core.engine
 import core.models
-import core.store
+import core.storage.files
 from core.documents import read_document
 from core.engine import Engine
 from core.errors import DocumentError, InputError
 from core.methods import make_method
 from core.models import EMBEDDED_PACKAGE, converted_folder, load_model
 from core.options import BuildPlan
-from core.store import load_cache, save_cache
+from core.storage import load_cache, save_cache
 from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers, make_document
 from tests.tiny_models import fastkv_command, save_slow_llama
 
@@ -277,7 +277,7 @@ def test_two_forced_builds_of_one_file_leave_one_complete_file(tiny_model_folder
 
     assert [code for code, _ in results] == [0, 0], results
     _, manifest = load_cache(output)  # complete and valid: one of the two builds, whole (the last rename won)
-    assert manifest["documents"][0]["name"] in {str(d) for d in documents}
+    assert manifest.documents[0].name in {str(d) for d in documents}
     assert [p.name for p in output.parent.iterdir()] == ["shared.fkv"]  # no temp file
 
 
@@ -450,7 +450,7 @@ def test_an_unwritable_output_directory_exits_2_before_any_work(doc, tmp_path, m
     def denied(*args, **kwargs):  # what a read-only mount or missing permission does (root bypasses chmod)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(core.store.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(core.storage.files.tempfile, "mkstemp", denied)
 
     assert_one_line_error(
         build_to(tmp_path / "c.fkv", doc, tiny_model_folder),

@@ -9,7 +9,7 @@ from core.generation import Decoding, generate
 from core.methods import Budget, PauseAfter, make_method
 from core.options import BuildPlan
 from core.runner import Runner
-from core.store import save_cache
+from core.storage import save_cache
 from tests.helpers import make_document, random_ids
 
 TOL = 1e-4  # fp32

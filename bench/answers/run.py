@@ -27,7 +27,7 @@ from answers.variants import Settings, Variant, variant_methods
 from core.engine import Engine
 from core.options import BuildPlan
 from core.saved import SavedContext
-from core.store import save_cache
+from core.storage import save_cache
 
 
 def run_ask(

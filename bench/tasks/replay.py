@@ -32,6 +32,7 @@ from core.prompt import encode_question
 from core.runner import Prefill, Runner
 from core.saved import SavedContext
 from core.stats import RunStats, Stopwatch
+from core.storage import MethodRecord
 
 R = TypeVar("R")
 
@@ -139,11 +140,11 @@ def replay_build(
 def as_built(saved: SavedContext, method: Method, query_budget: Budget | None) -> SavedContext:
     """`saved` with the manifest engine.build writes for `method` and `query_budget`, which is what each query
     selects by; a paused build serves every budget of its method this way."""
-    manifest = {
-        **saved.manifest,
-        "method": {"name": method.name, "parameters": method.parameters()},
-        "query_budget": None if query_budget is None else str(query_budget),
-    }
+    manifest = replace(
+        saved.manifest,
+        method=MethodRecord(method.name, method.parameters()),
+        query_budget=None if query_budget is None else str(query_budget),
+    )
     return replace(saved, manifest=manifest)
 
 

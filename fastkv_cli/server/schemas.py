@@ -67,7 +67,7 @@ class BuildIn(ModelChoice, MethodIn):
     query_budget: str | None = None
     questions: list[str] = []
     query_aware: bool | None = None  # None: query-aware where the method can pause (the CLI's default)
-    cache_dtype: str | None = None  # None: the CLI's default (store.storage_for)
+    cache_dtype: str | None = None  # None: the CLI's default (core.storage.storage_for)
     truncate: str | None = None
     ignore_memory: bool = False
 

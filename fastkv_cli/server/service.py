@@ -7,7 +7,7 @@ from pathlib import Path
 from core import __version__
 from core.engine import Engine
 from core.methods import Budget
-from core.store import check_target, describe_cache
+from core.storage import check_target, describe_cache
 from fastkv_cli.server.caches import CacheLRU
 from fastkv_cli.server.documents import named_document, read_all, upload_bytes, uploaded_document
 from fastkv_cli.server.jobs import Job, ModelQueue, RequestError

@@ -26,7 +26,7 @@ from core.models import EMBEDDED_PACKAGE
 from core.options import BuildPlan
 from core.prompt import PromptTemplate
 from core.runner import Runner
-from core.store import save_cache
+from core.storage import save_cache
 from tests.helpers import assert_same_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -329,7 +329,7 @@ def test_replayed_build_equals_engine_build(engine, tiny_items):
         built = engine.build(documents, BuildPlan(method, Budget.parse("10%")), reserved=64)
         assert_same_cache(saved.cache, built.cache)
         for key in ("method", "query_budget", "context_tokens", "template"):
-            assert saved.manifest[key] == built.manifest[key]
+            assert getattr(saved.manifest, key) == getattr(built.manifest, key)
 
 
 # --- a tiny real run --------------------------------------------------------------------------------

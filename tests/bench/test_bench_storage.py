@@ -1,10 +1,12 @@
 """bench/storage.py: its in-memory storage is what a file gives back, and its rule picks as it says."""
 
+from dataclasses import replace
+
 import pytest
 import storage
 
-from core.quant import HIDDEN_BITS
-from core.store import load_cache, save_cache
+from core.storage import load_cache, save_cache
+from core.storage.quant import HIDDEN_BITS
 from tests.helpers import assert_same_cache, build
 
 
@@ -18,7 +20,7 @@ def test_the_in_memory_storage_is_the_file_cache_build_writes(engine, document, 
     in_memory, nbytes = storage.stored(engine, saved, storage.Storage(dtype, HIDDEN_BITS if dtype == "int4" else None))
 
     assert_same_cache(in_memory.cache, from_file)
-    assert in_memory.manifest["quantization"] == manifest["quantization"]
+    assert in_memory.manifest.storage == manifest.storage
     assert nbytes < path.stat().st_size < nbytes + 64 * 1024  # the file adds its header alone
 
 
@@ -27,12 +29,12 @@ def test_added_bits_widen_every_paused_layer_over_the_default_and_nothing_else(e
     plain, wider = storage.Storage("int4", HIDDEN_BITS), storage.Storage("int4", HIDDEN_BITS, added_bits=2)
     default = plain.quantization(saved.manifest)
 
-    assert wider.quantization(saved.manifest) == {**default, "layer_bits": [w + 2 for w in default["layer_bits"]]}
-    assert len(default["layer_bits"]) == saved.manifest["paused_layer"] + 1
+    assert wider.quantization(saved.manifest) == replace(default, layer_bits=tuple(w + 2 for w in default.layer_bits))
+    assert len(default.layer_bits) == saved.manifest.paused_layer + 1
     assert plain.label != wider.label  # the records tell them apart
     assert storage.stored(engine, saved, wider)[1] > storage.stored(engine, saved, plain)[1]
     int6 = storage.Storage("int6").quantization(saved.manifest)  # the docs: int6 stores the +2-bit row's widths
-    assert {**int6, "bits": 4} == wider.quantization(saved.manifest)
+    assert replace(int6, bits=4) == wider.quantization(saved.manifest)
 
 
 def records(storage_label: str, same: list[bool], stored_bytes: int) -> list[dict]:

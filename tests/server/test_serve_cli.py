@@ -66,7 +66,7 @@ def test_client_imports_no_torch(server, model, allowed):
     assert fastkv("cache", "build", allowed / "doc.txt", "-o", output, "--model", model, "--force").exit_code == 0
     probe = (
         "import atexit, sys\n"
-        "heavy = ('torch', 'transformers', 'core.engine', 'core.store', 'fastapi', 'uvicorn')\n"
+        "heavy = ('torch', 'transformers', 'core.engine', 'core.storage', 'fastapi', 'uvicorn')\n"
         "atexit.register(lambda: sys.stderr.write('HEAVY=' + ','.join(m for m in heavy if m in sys.modules) + '\\n'))\n"
         "from fastkv_cli.app import app\n"
         "app()\n"

@@ -1,8 +1,8 @@
 """The `coded` storage (DESIGN.md §10): each stored tensor rounded to one step, its codes entropy-coded.
 
 The step of a tensor is the one whose rounding error, step**2 / 12, is the mean squared error int6 storage
-(core/quant.py's groups and widths) makes on it; with one step for the whole tensor the codes
-of a quiet channel are small numbers, and rANS (core/rans.py) stores each in about as many bits as it
+(quant.py's groups and widths) makes on it; with one step for the whole tensor the codes
+of a quiet channel are small numbers, and rANS (rans.py) stores each in about as many bits as it
 carries instead of a fixed width: 5.3 bits a value where int6 spends 6.5 with its scales.
 
 Every coded tensor is a set of channels over the context's tokens (a layer's keys or values, num_kv_heads *
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core import rans
-from core.quant import dequantize, quantize
+from core.storage import rans
+from core.storage.quant import dequantize, quantize
 
 SPAN = 255  # offsets from a channel's median coded as symbols; farther ones escape
 ESCAPE = 2 * SPAN + 1
 ALPHABET = ESCAPE + 1
 LANE_TOKENS = 2048  # the most tokens of a channel one lane codes: 4 bytes of rANS state a lane, a load step a token
-LANE_TOKENS_READ = tuple(1 << power for power in range(4, 17))  # what a file's may be (the first v12 files: 512)
 SPREADS = 4  # classes of channels per doubling of their mean absolute offset: each class has its own table
 BLOCK = 1 << 26  # codes in one rANS stream at most: a load decodes each in one pass, a save holds its symbols
 CHUNK = 1 << 22  # codes an encoder rounds and counts at a time: with BLOCK, what bounds a save's memory
@@ -73,7 +72,7 @@ class Codes:
 
 def step_for(x: Tensor, bits: int, group: int, dim: int) -> float:
     """The step whose rounding error (step**2 / 12) is the mean squared error of `bits`-bit group-wise affine
-    storage (core/quant.py) on `x`: the same error, spread evenly."""
+    storage (quant.py) on `x`: the same error, spread evenly."""
     x = x.float()
     error = (dequantize(quantize(x, bits, group, dim), tuple(x.shape), bits, group, dim, torch.float32) - x).pow(2)
     step = math.sqrt(12 * float(error.mean()))
@@ -93,9 +92,10 @@ def blocks(channels: int, tokens: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_block, channels)) for start in range(0, channels, per_block)]
 
 
-def encode(columns: Callable[[int, int], Tensor], channels: int, tokens: int) -> Coded:
+def encode(columns: Callable[[int, int], Tensor], channels: int, tokens: int, lane_tokens: int = LANE_TOKENS) -> Coded:
     """The codes [tokens, channels] that columns(start, stop) gives, a range of channels at a time (int64 [tokens,
-    stop - start]; each range asked twice: once for the tables, once to code) -> their stored form."""
+    stop - start]; each range asked twice: once for the tables, once to code) -> their stored form, in lanes of at
+    most `lane_tokens`."""
     centers = torch.empty(channels, dtype=torch.int64)
     spreads = torch.empty(channels, dtype=torch.int64)
     counts = torch.zeros(SPREADS * 9 + 1, ALPHABET, dtype=torch.int64)
@@ -108,7 +108,7 @@ def encode(columns: Callable[[int, int], Tensor], channels: int, tokens: int) ->
         counts += torch.bincount((symbols_of(offsets) + spread * ALPHABET).view(-1), minlength=counts.numel()).view(
             counts.shape
         )
-    count, steps = lanes(tokens, LANE_TOKENS)
+    count, steps = lanes(tokens, lane_tokens)
     counts[:, SPAN] += torch.bincount(spreads, minlength=len(counts)) * (count * steps - tokens)  # padding: offset 0
     used, classes = torch.unique(spreads, return_inverse=True)  # a table for each spread present
     tables = rans.frequencies(counts[used])
@@ -145,7 +145,7 @@ def symbols_of(offsets: Tensor) -> Tensor:
 def decode(coded: Coded, channels: int, tokens: int, lane_tokens: int) -> Codes:
     """The codes [tokens, channels] that `coded` stores in lanes of at most `lane_tokens`. Raises ValueError naming
     the part that does not fit, each part checked before anything is sized by it (`tokens` the caller has checked
-    against stored data, `lane_tokens` against LANE_TOKENS_READ)."""
+    against stored data)."""
     words, lengths, tables, classes, centers, escapes = (
         coded.words, coded.lengths, coded.tables, coded.classes, coded.centers, coded.escapes
     )  # fmt: skip

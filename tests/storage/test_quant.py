@@ -1,4 +1,4 @@
-"""Quantized storage: the arithmetic of core/quant.py, int8/int6/int4 .fkv files, their refusals, older versions."""
+"""Quantized storage: the arithmetic of core/storage/quant.py, int8/int6/int4 .fkv files and their refusals."""
 
 import math
 from dataclasses import replace
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.quant import (
+from core.storage import load_cache, save_cache
+from core.storage.quant import (
     CODE_WIDTHS,
     HIDDEN_BITS,
     dequantize,
@@ -20,9 +21,8 @@ from core.quant import (
     ungrouped,
     unpack,
 )
-from core.store import FORMAT_VERSION, load_cache, save_cache
-from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, with_paused_positions
 from tests.helpers import QUESTION, build
+from tests.storage.rewrite import refusal, rewrite_manifest, rewrite_tensors
 
 # --- the arithmetic -----------------------------------------------------------------------------------
 
@@ -111,12 +111,12 @@ def test_a_quantized_file_loads_close_to_the_originals(engine, quantized_file, q
     layer 0 rebuilt from the token ids, exact."""
     cache, manifest = load_cache(quantized_file, "cpu", torch.float32, engine.runner)
     assert torch.equal(cache.layers[0].keys, query_aware.cache.layers[0].keys)
-    quantization = manifest["quantization"]
-    bits, paused = quantization["bits"], manifest["paused_layer"] + 1
-    assert manifest["format_version"] == FORMAT_VERSION and quantization["group_size"] == 16
-    assert quantization["hidden_bits"] == max(bits, HIDDEN_BITS)
-    assert quantization["layer_bits"] == paused_layer_bits(bits, paused)
-    widths = quantization["layer_bits"] + [bits] * (len(cache.layers) - paused)
+    quantization = manifest.storage.quantization
+    bits, paused = quantization.bits, manifest.paused_layer + 1
+    assert quantization.group_size == 16
+    assert quantization.hidden_bits == max(bits, HIDDEN_BITS)
+    assert list(quantization.layer_bits) == paused_layer_bits(bits, paused)
+    widths = [*quantization.layer_bits] + [bits] * (len(cache.layers) - paused)
     layers = list(zip(cache.layers, query_aware.cache.layers, widths, strict=True))
     pairs = [(a.keys, b.keys, width) for a, b, width in layers] + [
         (a.values, b.values, width) for a, b, width in layers
@@ -135,10 +135,10 @@ def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatc
     store layer 1 at 3 bits, then at 5."""
     sizes, layers = {}, {}
     for width in (3, 5):
-        monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers, width=width: [bits, width])
+        monkeypatch.setattr("core.storage.scheme.paused_layer_bits", lambda bits, layers, width=width: [bits, width])
         sizes[width] = save_cache(tmp_path / f"{width}.fkv", query_aware.cache, query_aware.manifest, "int4")
         cache, manifest = load_cache(tmp_path / f"{width}.fkv", "cpu", torch.float32)
-        assert manifest["quantization"]["layer_bits"] == [4, width]
+        assert manifest.storage.quantization.layer_bits == (4, width)
         layers[width] = cache.layers[1]
 
     original = query_aware.cache.layers[1]
@@ -148,43 +148,6 @@ def test_each_layer_is_stored_at_its_own_width(query_aware, tmp_path, monkeypatc
             span = (stored.max() - stored.min()).item()
             assert (loaded - stored).abs().max().item() <= span / ((1 << width) - 1) / 2 * 1.01
     assert layers[3].keys.sub(original.keys).abs().max() > layers[5].keys.sub(original.keys).abs().max()
-
-
-def with_quantized_first_layer(engine, bits: int, group: int = 16):
-    """A version 10 or older quantized file's tensors: a paused prefill's layer 0 keys (grouped along tokens) and
-    values (along channels) at `bits`, no token ids."""
-
-    def edit(tensors):
-        layer = engine.runner.first_layer(tensors.pop("paused.ids").long())
-        for part, tensor, dim in (("keys", layer.keys, -2), ("values", layer.values, -1)):
-            q = quantize(tensor, bits, group, dim)
-            tensors.update({f"layers.0.{part}": q.codes, f"layers.0.{part}.scale": q.scale})
-            tensors[f"layers.0.{part}.zero"] = q.zero
-
-    return edit
-
-
-def test_a_version_8_file_loads_every_layer_at_the_dtypes_bits(
-    engine,
-    query_aware,
-    tmp_path,
-    monkeypatch,
-):
-    monkeypatch.setattr("core.store.paused_layer_bits", lambda bits, layers: [bits] * layers)
-    path = tmp_path / "v9.fkv"
-    save_cache(path, query_aware.cache, query_aware.manifest, "int4")
-    expected = load_cache(path, "cpu", torch.float32, engine.runner)[0]
-
-    def as_version_8(manifest):
-        manifest["format_version"] = 8
-        del manifest["quantization"]["layer_bits"]
-
-    older = rewrite_tensors(path, tmp_path / "v8-tensors.fkv", with_quantized_first_layer(engine, 4))
-    cache, manifest = load_cache(rewrite_manifest(older, tmp_path / "v8.fkv", as_version_8), "cpu", torch.float32)
-    assert manifest["format_version"] == 8 and manifest["quantization"]["layer_bits"] == []
-    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers[1:], expected.layers[1:], strict=True))
-    span = (expected.layers[0].keys.max() - expected.layers[0].keys.min()).item()
-    assert (cache.layers[0].keys - expected.layers[0].keys).abs().max().item() <= span / 15 / 2 * 1.01
 
 
 def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware, tmp_path):
@@ -201,45 +164,6 @@ def test_an_outlier_channel_of_the_hidden_states_keeps_its_own_scale(query_aware
     span = (hidden[:, others].max() - hidden[:, others].min()).item()
     levels = (1 << max(4, HIDDEN_BITS)) - 1  # an int4 file's hidden states
     assert (loaded[:, others] - hidden[:, others]).abs().max().item() <= span / levels / 2 * 1.01
-
-
-OLDER_HIDDEN_STATES = {  # version, dtype, bits and grouped dimension of its hidden states, fields it lacked, read as
-    "v5-along-channels": (
-        5,
-        "int8",
-        8,
-        -1,
-        ("hidden_groups", "hidden_bits"),
-        {"hidden_groups": "channels", "hidden_bits": 8},
-    ),
-    "v6-at-4-bits": (6, "int4", 4, -2, ("hidden_bits",), {"hidden_groups": "tokens", "hidden_bits": 4}),
-}
-
-
-@pytest.mark.parametrize("case", OLDER_HIDDEN_STATES, ids=list(OLDER_HIDDEN_STATES))
-def test_an_older_file_loads_its_hidden_states_as_written(engine, query_aware, tmp_path, case):
-    """Versions 4 and 5 grouped the hidden states along channels; versions 4 to 6 stored them at the dtype's bits."""
-    version, dtype, bits, dim, dropped, read_as = OLDER_HIDDEN_STATES[case]
-    path = tmp_path / "v7.fkv"
-    save_cache(path, query_aware.cache, query_aware.manifest, dtype)
-    hidden, group = query_aware.cache.paused.hidden, 16
-    q = quantize(hidden, bits, group, dim)
-
-    def as_written(tensors):
-        tensors.update({"paused.hidden": q.codes, "paused.hidden.scale": q.scale, "paused.hidden.zero": q.zero})
-        with_quantized_first_layer(engine, {"int8": 8, "int4": 4}[dtype])(tensors)
-        with_paused_positions(tensors, hidden.shape[0])
-
-    def as_older(manifest):
-        manifest["format_version"] = version
-        for key in dropped:
-            del manifest["quantization"][key]
-
-    older = rewrite_manifest(rewrite_tensors(path, tmp_path / "t.fkv", as_written), tmp_path / "old.fkv", as_older)
-    cache, manifest = load_cache(older, "cpu", torch.float32)
-
-    assert manifest["format_version"] == version and read_as.items() <= manifest["quantization"].items()
-    assert torch.equal(cache.paused.hidden, dequantize(q, tuple(hidden.shape), bits, group, dim, torch.float32))
 
 
 def test_quantized_files_are_smaller(saved, tmp_path):
@@ -265,19 +189,6 @@ def test_answers_from_an_int8_cache_are_close_to_float32s(engine, document, tmp_
     spread = (logits["float32"].max() - logits["float32"].min()).item()
     assert (logits["int8"] - logits["float32"]).abs().max().item() <= 0.02 * spread
     assert logits["int8"].argmax() == logits["float32"].argmax()
-
-
-def test_a_version_3_file_still_loads(saved, tmp_path):
-    path = save_cache(tmp_path / "v4.fkv", saved.cache, saved.manifest, "float16") and tmp_path / "v4.fkv"
-
-    def as_version_3(manifest):
-        manifest["format_version"] = 3
-        del manifest["quantization"]
-
-    old = rewrite_manifest(path, tmp_path / "v3.fkv", as_version_3)
-    cache, manifest = load_cache(old)
-    assert manifest["format_version"] == 3 and manifest["quantization"] is None
-    assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, load_cache(path)[0].layers, strict=True))
 
 
 # --- refusals ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from core.kvcache import EMPTY
 from core.methods import Budget, make_method
 from core.models import LoadedModel
 from core.options import BuildPlan
-from core.store import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
+from core.storage import MANIFEST_KEY, describe_cache, load_cache, read_manifest, save_cache, tensors_sha256
 from fastkv_cli.render import cache_info_view
 from tests.helpers import make_document
 
@@ -45,7 +45,7 @@ SOURCES = [
     ("mistral", "fastkv", {"budget": "20%"}, "int6", {"query_aware": True}),
     ("qwen2", "fastkv", {"budget": "20%"}, "coded", {"query_aware": True}),
 ]
-CODED_DTYPES = {  # a coded file's parts (core/coded.py)
+CODED_DTYPES = {  # a coded file's parts (core/storage/coded.py)
     "coded.words": torch.int16,
     "coded.lengths": torch.int64,
     "coded.tables": torch.int16,
@@ -361,12 +361,12 @@ def mutate(rng: random.Random, data: bytes) -> tuple[str, bytes]:
 def assert_intact(path: Path, data: bytes) -> None:
     """A mutant that loaded: everything the loader promises holds, checked independently."""
     cache, manifest = load_cache(path)
-    model = manifest["model"]
+    model, storage, context = manifest.model, manifest.storage, manifest.context_tokens
     stored = dict(load(data))
-    assert tensors_sha256(stored) == manifest["tensors_sha256"]
-    stored_as = manifest["dtype"] if manifest["quantization"] is None else "float32"  # de-quantized on load
+    assert tensors_sha256(stored) == storage.tensors_sha256
+    stored_as = storage.dtype if storage.quantization is None else "float32"  # de-quantized on load
     for name, tensor in stored.items():  # a quantized file's codes, finite positive scales, finite zeros
-        if manifest["dtype"] == "coded":  # a coded file's parts and steps, and float16 for the rest
+        if storage.dtype == "coded":  # a coded file's parts and steps, and float16 for the rest
             if name.endswith(".step"):
                 assert tensor.dtype == torch.float32 and tensor.shape == (1,) and 0 < float(tensor) < float("inf")
             elif not name.endswith(".positions") and name != "paused.ids":
@@ -374,34 +374,35 @@ def assert_intact(path: Path, data: bytes) -> None:
         elif name.endswith((".scale", ".zero")):
             assert tensor.dtype == torch.float16 and bool(tensor.isfinite().all())
             assert name.endswith(".zero") or bool((tensor > 0).all())
-        elif manifest["quantization"] is not None and not name.endswith(".positions") and name != "paused.ids":
+        elif storage.quantization is not None and not name.endswith(".positions") and name != "paused.ids":
             assert tensor.dtype == torch.uint8
-    assert len(cache.layers) == model["num_layers"] >= 1
-    assert cache.seq_len == manifest["context_tokens"] >= 1
-    rebuilt = cache.paused is not None and cache.paused.ids is not None  # layer 0 as token ids (version 11)
+    assert len(cache.layers) == model.num_layers >= 1
+    assert cache.seq_len == context >= 1
+    rebuilt = cache.paused is not None  # a paused prefill's layer 0 is stored as its token ids
     if rebuilt:  # without the model, layer 0 holds only its positions, every context token's
         ids, first = cache.paused.ids, cache.layers[0]
-        assert ids.shape == (cache.seq_len,) and 0 <= int(ids.min()) and int(ids.max()) < model["vocab_size"]
+        assert ids.shape == (cache.seq_len,) and 0 <= int(ids.min()) and int(ids.max()) < model.vocab_size
         assert first.keys.numel() == first.values.numel() == 0
         assert torch.equal(first.positions, torch.arange(cache.seq_len).unsqueeze(0))
     for layer in cache.layers[1 if rebuilt else 0 :]:
         n = layer.length
-        assert layer.keys.shape == layer.values.shape == (model["num_kv_heads"], n, model["head_dim"])
-        assert layer.positions.shape == (model["num_kv_heads"], n)
+        assert layer.keys.shape == layer.values.shape == (model.num_kv_heads, n, model.head_dim)
+        assert layer.positions.shape == (model.num_kv_heads, n)
         assert str(layer.keys.dtype).removeprefix("torch.") == stored_as
-        if n:  # from version 5 a row may start with empty slots (head-adaptive budgets), never be only them
+        if n:  # a row may start with empty slots (head-adaptive budgets), never be only them
             empty = layer.positions == EMPTY
-            assert manifest["format_version"] >= 5 or not bool(empty.any())
             assert not bool(empty[:, -1].any()) and not bool((empty[:, 1:] & ~empty[:, :-1]).any())
             kept = layer.positions[~empty]
-            assert 0 <= int(kept.min()) and int(kept.max()) < manifest["context_tokens"]
+            assert 0 <= int(kept.min()) and int(kept.max()) < context
             assert bool((layer.positions[:, 1:] > layer.positions[:, :-1])[~empty[:, :-1]].all())
             assert layer.padded == bool(empty.any())
-    if manifest["paused_layer"] is not None:
-        assert cache.paused.hidden.shape == (manifest["context_tokens"], model["hidden_size"])
+    if manifest.paused_layer is not None:
+        assert cache.paused.hidden.shape == (context, model.hidden_size)
         assert [layer.length for layer in cache.layers] == [
-            manifest["context_tokens"] if i <= manifest["paused_layer"] else 0 for i in range(model["num_layers"])
+            context if i <= manifest.paused_layer else 0 for i in range(model.num_layers)
         ]
+        for layer in cache.layers[1 : manifest.paused_layer + 1]:  # every context token, in order
+            assert torch.equal(layer.positions, torch.arange(context).expand(model.num_kv_heads, -1))
     assert read_manifest(path) == manifest
     info = describe_cache(path)
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # encodes like a real terminal would

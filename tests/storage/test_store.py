@@ -1,8 +1,8 @@
 """The .fkv cache file and saved contexts at engine level: round trips, answers, refusals, atomic writes."""
 
 import copy
-import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from safetensors.torch import save
 
 import core.atomic
 import core.engine
-from core.engine import Engine, SavedContext
+from core.engine import Engine
 from core.errors import FastKVError, InputError
 from core.generation import Decoding
 from core.kvcache import EMPTY, KVCache
@@ -20,16 +20,9 @@ from core.methods import Budget, make_method
 from core.models import LoadedModel
 from core.options import BuildPlan
 from core.prompt import encode_question
-from core.stats import RunStats
-from core.store import (
-    FORMAT_VERSION,
-    describe_cache,
-    load_cache,
-    read_manifest,
-    save_cache,
-)
-from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, update, with_paused_positions
+from core.storage import FORMAT_VERSION, Storage, describe_cache, load_cache, read_manifest, save_cache
 from tests.helpers import QUESTION, assert_bit_equal, assert_same_cache, build
+from tests.storage.rewrite import assign, delete, refusal, rewrite_manifest, rewrite_tensors, update
 
 OTHER_QUESTION = "Who designed the tower?"
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -44,10 +37,6 @@ def cache_file(tmp_path_factory, saved) -> Path:
 
 def snapshot(cache: KVCache) -> KVCache:
     return cache.clone()
-
-
-def json_roundtrip(value):
-    return json.loads(json.dumps(value))
 
 
 @pytest.fixture
@@ -76,11 +65,8 @@ def test_float32_round_trip_is_bit_exact_with_the_same_manifest(engine, saved, t
 
     assert written == path.stat().st_size
     assert_same_cache(cache, saved.cache)
-    expected = json_roundtrip(
-        {**saved.manifest, "format_version": FORMAT_VERSION, "dtype": "float32", "quantization": None}
-    )
-    assert {k: v for k, v in manifest.items() if k != "tensors_sha256"} == expected
-    assert len(manifest["tensors_sha256"]) == 64
+    assert manifest == replace(saved.manifest, storage=Storage("float32", None, manifest.storage.tensors_sha256))
+    assert len(manifest.storage.tensors_sha256) == 64
     assert read_manifest(path) == manifest
 
 
@@ -91,23 +77,11 @@ def test_query_aware_round_trip_keeps_the_paused_prefill_bit_exact(engine, query
     save_cache(path, query_aware.cache, query_aware.manifest, "float32")
     cache, manifest = load_cache(path, "cpu", None, engine.runner)
 
-    assert manifest["paused_layer"] == query_aware.cache.paused.layer == NUM_LAYERS // 2 - 1
+    assert manifest.paused_layer == query_aware.cache.paused.layer == NUM_LAYERS // 2 - 1
     assert_same_cache(cache, query_aware.cache)
     assert torch.equal(cache.paused.hidden, query_aware.cache.paused.hidden)
     with safe_open(str(path), framework="pt") as f:
         assert "layers.0.keys" not in f.keys() and f.get_tensor("paused.ids").shape == (cache.seq_len,)
-
-
-def test_a_version_1_file_still_loads(cache_file, tmp_path):
-    def as_version_1(manifest):
-        manifest["format_version"] = 1
-        del manifest["paused_layer"]
-
-    path = rewrite_manifest(cache_file, tmp_path / "v1.fkv", as_version_1)
-
-    cache, manifest = load_cache(path)
-    assert manifest["paused_layer"] is None and cache.paused is None
-    assert_same_cache(cache, load_cache(cache_file)[0])
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
@@ -117,7 +91,7 @@ def test_smaller_cache_dtype_loads_the_cast_originals_bit_for_bit(saved, tmp_pat
     save_cache(path, saved.cache, saved.manifest, name)
     cache, manifest = load_cache(path, "cpu", None)
 
-    assert manifest["dtype"] == name
+    assert manifest.storage.dtype == name
     assert cache.seq_len == saved.cache.seq_len
     for loaded, original in zip(cache.layers, saved.cache.layers, strict=True):
         assert_bit_equal(loaded.keys, original.keys.to(dtype))
@@ -136,7 +110,7 @@ def test_round_trip_for_every_model_family(tiny_model, tiny_tokenizer, document,
     cache, manifest = load_cache(path, "cpu", torch.float32)
 
     assert_same_cache(cache, saved.cache)
-    assert manifest["model"]["model_type"] == model.config.model_type
+    assert manifest.model.model_type == model.config.model_type
     engine.check_compatible(manifest, str(path))  # its own model: accepted
 
 
@@ -230,26 +204,6 @@ def test_rewriting_the_header_alone_keeps_a_loadable_file(cache_file, tmp_path):
     path = rewrite_manifest(cache_file, tmp_path / "same.fkv", lambda manifest: None)
 
     assert load_cache(path)[1] == load_cache(cache_file)[1]
-
-
-def delete(*keys):
-    def edit(manifest):
-        target = manifest
-        for key in keys[:-1]:
-            target = target[key]
-        del target[keys[-1]]
-
-    return edit
-
-
-def assign(value, *keys):
-    def edit(manifest):
-        target = manifest
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-
-    return edit
 
 
 MANIFEST_CASES = {
@@ -522,54 +476,6 @@ def test_a_context_count_beyond_the_stored_tokens_is_refused_before_positions_ar
     assert all(n <= query_aware.cache.seq_len for n in built)
 
 
-def with_first_layer(engine: Engine):
-    """A version 10 or older float16 file's tensors: a paused prefill's layer 0 keys and values, no token ids."""
-
-    def edit(tensors):
-        layer = engine.runner.first_layer(tensors.pop("paused.ids").long())
-        tensors["layers.0.keys"] = layer.keys.half().contiguous()
-        tensors["layers.0.values"] = layer.values.half().contiguous()
-
-    return edit
-
-
-def test_a_version_10_file_loads_the_layer_0_it_stores(engine, query_aware, query_aware_file, tmp_path):
-    path = rewrite_tensors(query_aware_file, tmp_path / "v10-tensors.fkv", with_first_layer(engine))
-    path = rewrite_manifest(path, tmp_path / "v10.fkv", assign(10, "format_version"))
-    rebuilt = load_cache(query_aware_file, "cpu", torch.float32, engine.runner)[0]
-
-    cache, manifest = load_cache(path, "cpu", torch.float32)  # no model needed: layer 0 is in the file
-    assert manifest["format_version"] == 10 and cache.paused.ids is None
-    assert torch.equal(cache.layers[0].keys, rebuilt.layers[0].keys.half().float())
-    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, decoding=Decoding(max_new_tokens=4))
-    assert answer.stats.new_tokens >= 1
-    short = rewrite_tensors(path, tmp_path / "v10-short.fkv", update("layers.0.keys", lambda k: k[:, 1:].contiguous()))
-    assert "layer 0 has tensors of the wrong shape" in refusal(load_cache, short)
-
-
-def test_a_version_7_file_loads_the_paused_positions_it_stores(engine, query_aware, query_aware_file, tmp_path):
-    """Up to version 7 a file stored the positions of a paused prefill's layers, and they were checked."""
-    old = lambda t: (with_first_layer(engine)(t), with_paused_positions(t))  # noqa: E731
-    path = rewrite_tensors(query_aware_file, tmp_path / "v7-tensors.fkv", old)
-    path = rewrite_manifest(path, tmp_path / "v7.fkv", assign(7, "format_version"))
-    cache, manifest = load_cache(path, "cpu", torch.float32)
-    for loaded, original in zip(cache.layers, query_aware.cache.layers, strict=True):
-        assert torch.equal(loaded.positions, original.positions)
-
-    short = rewrite_tensors(path, tmp_path / "v7-short.fkv", drop_last_token(1))
-    assert "layer 1 of a paused prefill does not cache every" in refusal(load_cache, short)
-
-
-def test_a_version_2_query_aware_file_without_held_queries_still_loads_and_answers(engine, query_aware_file, tmp_path):
-    old = lambda t: (drop_queries(t), with_first_layer(engine)(t), with_paused_positions(t))  # noqa: E731
-    path = rewrite_tensors(query_aware_file, tmp_path / "v2.fkv", old)
-    path = rewrite_manifest(path, tmp_path / "v2-manifest.fkv", assign(2, "format_version"))
-
-    cache, manifest = load_cache(path, "cpu", torch.float32)
-    answer = engine.query(SavedContext(cache, manifest, RunStats()), QUESTION, decoding=Decoding(max_new_tokens=4))
-    assert cache.paused.queries is None and answer.stats.new_tokens >= 1
-
-
 def test_paused_hidden_states_without_a_paused_layer_are_refused(query_aware_file, tmp_path):
     path = rewrite_manifest(query_aware_file, tmp_path / "no-layer.fkv", assign(None, "paused_layer"))
 
@@ -727,7 +633,7 @@ def question_length(engine: Engine, question: str) -> int:
 def test_query_budget_reselects_to_the_budget_with_the_question_last(engine, document, extended_caches):
     saved = build(engine, document, budget="50%")
     stored = saved.cache.kept_tokens_per_layer
-    context, q = saved.manifest["context_tokens"], question_length(engine, QUESTION)
+    context, q = saved.manifest.context_tokens, question_length(engine, QUESTION)
     expected = max(int(0.1 * (context + q)), q)  # the question is the window, counted in the budget
     assert expected > q and all(expected < n + q for n in stored)  # re-selection really drops tokens
 
@@ -749,7 +655,7 @@ def test_query_budget_reselects_to_the_budget_with_the_question_last(engine, doc
 
 def test_query_budget_stored_in_the_file_is_the_default(engine, document, extended_caches):
     saved = build(engine, document, budget="50%", query_budget="10%")
-    context, q = saved.manifest["context_tokens"], question_length(engine, QUESTION)
+    context, q = saved.manifest.context_tokens, question_length(engine, QUESTION)
 
     answer = engine.query(saved, QUESTION, decoding=Decoding(max_new_tokens=1))
 
@@ -760,7 +666,7 @@ def test_query_budget_stored_in_the_file_is_the_default(engine, document, extend
 def test_without_a_query_budget_every_stored_token_is_kept(engine, document, extended_caches):
     saved = build(engine, document, budget="50%")
     stored = saved.cache.kept_tokens_per_layer
-    context, q = saved.manifest["context_tokens"], question_length(engine, QUESTION)
+    context, q = saved.manifest.context_tokens, question_length(engine, QUESTION)
 
     engine.query(saved, QUESTION, decoding=Decoding(max_new_tokens=1))
 
@@ -813,11 +719,11 @@ def test_steering_questions_are_dropped_and_the_budget_is_kept(engine, document)
     steered = build(engine, document, budget="10%", questions=questions)
     plain = build(engine, document, budget="10%")
 
-    context = steered.manifest["context_tokens"]
+    context = steered.manifest.context_tokens
     budget = max(int(0.1 * context), 8)
-    assert context == plain.manifest["context_tokens"]
+    assert context == plain.manifest.context_tokens
     assert steered.cache.seq_len == context
-    assert steered.manifest["steering_questions"] == 2
+    assert steered.manifest.steering_questions == 2
     assert steered.cache.kept_tokens_per_layer == [budget] * NUM_LAYERS == plain.cache.kept_tokens_per_layer
     for layer in steered.cache.layers:
         assert layer.positions.shape == (KV_HEADS, budget)
@@ -835,10 +741,9 @@ def test_gemfilter_is_refused_by_build(engine, document):
         BuildPlan(make_method("gemfilter"))
 
 
-def test_empty_slots_are_refused_in_a_file_older_than_version_5(cache_file, tmp_path):
-    """Version 5 brought head-adaptive caches, whose rows may start with empty slots; before it, a
-    position of -1 is a corrupt file."""
+def test_empty_slots_starting_a_row_load_as_a_padded_layer(cache_file, tmp_path):
+    """Head-adaptive caches' rows may start with empty slots (position -1)."""
     padded = rewrite_tensors(cache_file, tmp_path / "padded.fkv", update("layers.0.positions", empty_slots))
-    assert load_cache(padded)[0].layers[0].padded  # as version 5: two empty slots
-    older = rewrite_manifest(padded, tmp_path / "v4.fkv", assign(4, "format_version"))
-    assert "layer 0 has positions outside the context" in refusal(load_cache, older)
+
+    layer = load_cache(padded)[0].layers[0]
+    assert layer.padded and layer.kept < layer.length

@@ -1,10 +1,10 @@
-"""Group-wise affine int8/int6/int4 quantization of stored cache tensors (DESIGN.md §10), for store.py.
+"""Group-wise affine int8/int6/int4 quantization of stored cache tensors (DESIGN.md §10), for the quantized codec.
 
 Each group of `group` consecutive elements along one dimension shares a scale and a zero point
 (its minimum): x ≈ zero + code * scale, code in [0, 2**bits - 1]. Keys are grouped along tokens
 (one scale per channel and group of tokens: KIVI, arXiv 2402.02750, finds key outliers live in
 channels); values and queries along channels (one scale per token and group of channels); the paused
-hidden states along tokens too (store.quantization_for says why). Codes narrower than a byte are packed
+hidden states along tokens too (scheme.quantization_for says why). Codes narrower than a byte are packed
 as one little-endian bit stream, the first code in the lowest bits: int4 two to a byte, 6-bit codes four
 to three bytes. Scales and zero points are float16, rounded so that every element stays inside its
 group's range: the rounding error of a code is at most half its group's scale.

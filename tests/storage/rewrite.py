@@ -1,17 +1,16 @@
-"""Saved cache files rewritten on purpose, for the refusals of core/store.py to be tested: an edited manifest,
-edited tensors, an older format's layout; and the message a refused read gives."""
+"""Helpers for the storage tests: a loader's refusal without its path, and .fkv files rewritten with an edited
+manifest or edited tensors."""
 
 import json
 import struct
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from core.errors import CacheFileError
-from core.store import MANIFEST_KEY, tensors_sha256
+from core.storage import MANIFEST_KEY, tensors_sha256
 
 
 def refusal(read, path: Path, *args) -> str:
@@ -36,7 +35,8 @@ def join_safetensors(header: dict, body: bytes) -> bytes:
 
 
 def rewrite_manifest(source: Path, target: Path, edit) -> Path:
-    """Copy `source` to `target` with edit(manifest) applied to the header's manifest (tensors untouched)."""
+    """Copy `source` to `target` with edit(manifest) applied to the header's manifest (tensors untouched); `edit`
+    None removes the manifest, a string replaces its text."""
     header, body = split_safetensors(source.read_bytes())
     metadata = header["__metadata__"]
     if callable(edit):
@@ -69,11 +69,21 @@ def update(name, change):
     return lambda tensors: tensors.update({name: change(tensors[name])})
 
 
-def with_paused_positions(tensors, context: int | None = None):
-    """A version 7 or older file's tensors: the positions of a paused prefill's layers stored too.
-    `context`: the file's context tokens, where its hidden states are quantized codes."""
-    context = context or tensors["paused.hidden"].shape[0]
-    kv_heads = tensors["layers.1.keys.scale" if "layers.1.keys.scale" in tensors else "layers.1.keys"].shape[0]
-    for name in [name for name in tensors if name.endswith(".keys")]:
-        every = torch.arange(context, dtype=torch.int32).repeat(kv_heads, 1)
-        tensors.setdefault(name.removesuffix("keys") + "positions", every)
+def delete(*keys):
+    def edit(manifest):
+        target = manifest
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return edit
+
+
+def assign(value, *keys):
+    def edit(manifest):
+        target = manifest
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit

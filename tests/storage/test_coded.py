@@ -1,4 +1,5 @@
-"""Coded storage: the rANS coder (core/rans.py), rows of codes (core/coded.py), coded .fkv files and their refusals."""
+"""Coded storage: the rANS coder (core/storage/rans.py), rows of codes (core/storage/coded.py), coded .fkv files and
+their refusals."""
 
 import math
 from pathlib import Path
@@ -7,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import coded, rans
 from core.errors import CacheFileError, InputError
-from core.quant import dequantize, quantize
-from core.store import FORMAT_VERSION, load_cache, save_cache
-from tests.cache_files import refusal, rewrite_manifest, rewrite_tensors, update
+from core.storage import coded, load_cache, rans, save_cache
+from core.storage.quant import dequantize, quantize
+from tests.storage.rewrite import refusal, rewrite_manifest, rewrite_tensors, update
 
 # --- the coder ------------------------------------------------------------------------------------------
 
@@ -142,15 +142,15 @@ def test_a_coded_file_loads_every_value_within_half_its_step(engine, coded_file,
     cache, manifest = load_cache(coded_file, "cpu", torch.float32, engine.runner)
     original = query_aware.cache
     step = {name.removesuffix(".step"): float(t) for name, t in load_file(coded_file).items() if name.endswith(".step")}
-    assert manifest["format_version"] == FORMAT_VERSION == 12 and manifest["dtype"] == "coded"
+    assert manifest.storage.dtype == "coded"
     assert torch.equal(cache.layers[0].keys, original.layers[0].keys)
-    for i in range(1, manifest["paused_layer"] + 1):
+    for i in range(1, manifest.paused_layer + 1):
         keys, values = f"layers.{i}.keys", f"layers.{i}.values"
         assert (cache.layers[i].values - original.layers[i].values).abs().max() <= step[values] / 2 * 1.0001
         assert (cache.layers[i].keys - original.layers[i].keys).abs().max() <= step[keys] / math.sqrt(2) * 1.0001
     assert (cache.paused.hidden - original.paused.hidden).abs().max() <= step["paused.hidden"] / 2 * 1.0001
     assert torch.equal(cache.paused.queries, original.paused.queries.half().float())
-    assert all(layer.length == 0 for layer in cache.layers[manifest["paused_layer"] + 1 :])
+    assert all(layer.length == 0 for layer in cache.layers[manifest.paused_layer + 1 :])
 
 
 def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_aware, coded_file, tmp_path):
@@ -165,19 +165,22 @@ def test_a_coded_file_is_smaller_than_int6_at_about_its_error(engine, query_awar
     assert squared_error(coded_file) < 1.2 * squared_error(tmp_path / "int6.fkv")
 
 
-def test_the_lane_length_changes_the_bytes_never_the_values(engine, query_aware, coded_file, tmp_path, monkeypatch):
-    """A file coded in shorter lanes (the first v12 files': 512 tokens) loads to exactly what today's loads to."""
-    monkeypatch.setattr(coded, "LANE_TOKENS", 16)  # several lanes a channel even in the short test document
-    short = tmp_path / "short-lanes.fkv"
-    save_cache(short, query_aware.cache, query_aware.manifest, "coded", model=engine.runner)
-    monkeypatch.undo()
+@pytest.mark.parametrize("lane_tokens", [16, 512])
+def test_the_lane_length_changes_the_bytes_never_the_codes(lane_tokens):
+    """Shorter lanes store a state each, and decode to exactly the codes in lanes of LANE_TOKENS."""
+    tokens, channels = 3000, 3
+    generator = torch.Generator().manual_seed(lane_tokens)
+    codes = (torch.randn(tokens, channels, generator=generator) * 20).round().long()
+    short, long = (
+        coded.encode(lambda start, stop: codes[:, start:stop], channels, tokens, n)
+        for n in (lane_tokens, coded.LANE_TOKENS)
+    )
 
-    assert load_cache(short)[1]["quantization"]["lane_tokens"] == 16 != coded.LANE_TOKENS
-    assert short.stat().st_size > coded_file.stat().st_size  # a state to store a lane
-    (a, _), (b, _) = (load_cache(path, "cpu", torch.float32, engine.runner) for path in (short, coded_file))
-    for x, y in zip(a.layers, b.layers, strict=True):
-        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
-    assert torch.equal(a.paused.hidden, b.paused.hidden)
+    assert short.words.numel() > long.words.numel()
+    for stored, n in ((short, lane_tokens), (long, coded.LANE_TOKENS)):
+        out = torch.empty(tokens, channels, dtype=torch.float64)
+        coded.decode(stored, channels, tokens, n).scaled(0, channels, 1.0, out)
+        assert torch.equal(out, codes.double())
 
 
 def test_without_the_model_a_coded_file_keeps_its_keys_as_stored(engine, coded_file):
@@ -227,12 +230,21 @@ def test_a_damaged_coded_file_is_refused_naming_the_part(engine, coded_file, tmp
 
 
 MANIFEST_CASES = {
-    "coded in a version 11 file": (lambda m: m.update(format_version=11), "only version 12"),
+    "coded without a paused prefill": (
+        lambda m: m.update(paused_layer=None),
+        "manifest.dtype is coded, which only query-aware files are",
+    ),
+    "a lane length of the first files": (
+        lambda m: m["quantization"].update(lane_tokens=512),
+        "lane_tokens is 512, not 2048: coded in a way this version of fastkv does not decode; rebuild it with "
+        "`fastkv cache build`",
+    ),
     "a lane length not a power of two": (lambda m: m["quantization"].update(lane_tokens=300), "lane_tokens is 300"),
-    "a lane length past the largest": (lambda m: m["quantization"].update(lane_tokens=2**20), "not a power of two"),
+    "a lane length past the largest": (lambda m: m["quantization"].update(lane_tokens=2**20), "is 1048576, not"),
     "a lane length as text": (lambda m: m["quantization"].update(lane_tokens="512"), 'lane_tokens is "512"'),
-    "a lane length other than the file's": (lambda m: m["quantization"].update(lane_tokens=16), "coded.words"),
+    "no lane length": (lambda m: m["quantization"].pop("lane_tokens"), "lane_tokens is null"),
     "another coder": (lambda m: m["quantization"].update(coding="huffman"), 'coding is "huffman"'),
+    "another span": (lambda m: m["quantization"].update(span=127), "span is 127, not 255"),
     "a context far beyond the stored tokens": (
         lambda m: m.update(context_tokens=m["context_tokens"] * 10**6),
         "paused.ids should hold",  # refused before anything is sized by it

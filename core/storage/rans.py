@@ -1,4 +1,4 @@
-"""Entropy coding of small integers: rANS (Duda, arXiv 1311.2540) on many lanes at once, for store.py.
+"""Entropy coding of small integers: rANS (Duda, arXiv 1311.2540) on many lanes at once, for the coded codec.
 
 A lane is one stream of symbols coded with one frequency table. Lanes advance in step, so decoding takes
 every lane's next symbol in a few vector operations, and they share one stream of 16-bit words: whenever a

@@ -1,0 +1,70 @@
+"""The saved cache file (.fkv): its typed manifest, its tensor layout, the codecs that store its tensors, and the
+reads and writes of files (docs/cache-format.md)."""
+
+from core.storage.codecs import (
+    Codec,
+    Extent,
+    cache_from_tensors,
+    cache_tensors,
+    check_cache_dtype,
+    codec_for,
+    storage_for,
+    stored_bytes,
+)
+from core.storage.files import (
+    MANIFEST_KEY,
+    check_target,
+    check_writable,
+    describe_cache,
+    load_cache,
+    read_manifest,
+    save_cache,
+    tensors_sha256,
+)
+from core.storage.manifest import (
+    FORMAT_VERSION,
+    QUERY_AWARE,
+    QUESTION_BLIND,
+    TWO_STAGE,
+    DocumentRecord,
+    Manifest,
+    MethodRecord,
+    ModelFingerprint,
+    Storage,
+    Template,
+)
+from core.storage.scheme import CODED, STORAGE_DTYPES, Coding, Quantization, quantization_for
+
+__all__ = [
+    "CODED",
+    "FORMAT_VERSION",
+    "MANIFEST_KEY",
+    "QUERY_AWARE",
+    "QUESTION_BLIND",
+    "STORAGE_DTYPES",
+    "TWO_STAGE",
+    "Codec",
+    "Coding",
+    "DocumentRecord",
+    "Extent",
+    "Manifest",
+    "MethodRecord",
+    "ModelFingerprint",
+    "Quantization",
+    "Storage",
+    "Template",
+    "cache_from_tensors",
+    "cache_tensors",
+    "check_cache_dtype",
+    "check_target",
+    "check_writable",
+    "codec_for",
+    "describe_cache",
+    "load_cache",
+    "quantization_for",
+    "read_manifest",
+    "save_cache",
+    "storage_for",
+    "stored_bytes",
+    "tensors_sha256",
+]
