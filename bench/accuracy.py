@@ -2,7 +2,7 @@
 
 python bench/accuracy.py [--tasks passkey docqa] [--methods fullkv fastkv snapkv streamingllm gemfilter]
     [--budgets 5% 10% 20% 40%] [--lengths 1024 2048 4096 7680]
-    [--modes ask agnostic two-stage query-aware every-token] [--cache-dtypes float16 int8 int6 int4]
+    [--modes ask question-blind two-stage query-aware every-token] [--cache-dtypes float16 int8 int6 int4]
     [--half tuning|held-out] [--limit N] [--model M] [--tag NAME] [--no-write] [--from-raw | --resume]
 
 Tasks (bench/tasks/, nothing is downloaded): `passkey`, a 5-6 digit key hidden at depths 0-100% of the
@@ -10,7 +10,7 @@ license texts at each prompt length, scored by exact digits; `docqa`, about 50 s
 the shipped license texts and examples/lighthouse.md (bench/tasks/docqa.jsonl), scored by normalised
 substring match and token F1.
 
-Modes: `ask` puts the question at the end of the prompt (query-aware, as `fastkv ask`); `agnostic`
+Modes: `ask` puts the question at the end of the prompt (query-aware, as `fastkv ask`); `question-blind`
 builds a saved cache at the budget without the question, then appends it (`fastkv cache build` +
 `cache query`); `two-stage` builds at min(100%, 3 x budget) and lets each question re-select down to
 the budget (`--query-budget`); `query-aware` builds a cache paused at fastkv's TSP layer that each

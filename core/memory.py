@@ -13,7 +13,7 @@ the device kind. It counts, in bytes:
   keeps most of what a layer frees until the layer ends: resident memory approaches everything one
   layer allocates (norms in fp32 as HF computes them, RoPE temporaries, the attention output, the
   MLP...). The allowance is that sum less the activations. Measured on the embedded SmolLM2-135M at
-  2K and 6K tokens (tests/test_memory.py): with glibc's threshold fixed, peak RSS is the activations
+  2K and 6K tokens (tests/core/test_memory.py): with glibc's threshold fixed, peak RSS is the activations
   plus the cache within a few percent; with the default allocator it varies from run to run between
   about 1.2x and 2.5x the activations, around the sum. On CUDA the caching allocator's reserve plays
   the same part (not measured here: no GPU); the same allowance is kept there;

@@ -29,7 +29,7 @@ def safe_cut(text: str, end: int) -> int:
 
     Cutting there is where byte-level BPE (GPT-2, Llama 3, Qwen regexes) and Metaspace tokenizers cut
     anyway, so the two sides' token counts add up to the whole's (measured on the embedded and the test
-    tokenizers, tests/test_bounded.py).
+    tokenizers, tests/core/test_bounded.py).
     """
     at = text.rfind(" ", 0, end)
     while at > 0:

@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # click's plain help: usage with plain metavars, no type column (tests/test_help.py)
+    rich_markup_mode=None,  # click's plain help: usage with plain metavars, no type column (tests/cli/test_help.py)
 )
 cache_app = typer.Typer(
     help="Prefill documents once into a .fkv file, then answer questions from it.",

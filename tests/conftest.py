@@ -12,6 +12,7 @@ from core.engine import Engine, SavedContext
 from core.models import load_model
 from tests.helpers import PAGES, build, make_document
 from tests.tiny_models import (
+    BUILD_WINDOW,
     CLI_WINDOW,
     FAMILIES,
     build_tiny_model,
@@ -60,6 +61,20 @@ def tiny_model_folder(tmp_path_factory, tiny_tokenizer) -> TinyModelFolder:
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_llama(folder, tiny_tokenizer, CLI_WINDOW)
     return TinyModelFolder(folder, CLI_WINDOW)
+
+
+@pytest.fixture(scope="session")
+def build_model_folder(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny Llama with a window of BUILD_WINDOW tokens, for `fastkv cache build --model FOLDER`."""
+    folder = tmp_path_factory.mktemp("tiny-llama-build")
+    save_tiny_llama(folder, tiny_tokenizer, BUILD_WINDOW)
+    return folder
+
+
+@pytest.fixture
+def wide_terminal(monkeypatch):
+    """Rich tables 200 columns wide: no wrapping of long temporary paths."""
+    monkeypatch.setenv("COLUMNS", "200")
 
 
 @pytest.fixture(scope="session")

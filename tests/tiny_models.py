@@ -66,6 +66,7 @@ TOKENIZER_CORPUS = [
     "Answer the question about the documents below. Document one, document two, page three.",
 ]
 CLI_WINDOW = 512  # max_position_embeddings of the saved CLI model: small, so overflow is cheap to provoke
+BUILD_WINDOW = 1024  # a saved model's window that leaves `cache build` room for a later question
 
 
 def build_tiny_model(family: str, seed: int = 0):

@@ -44,7 +44,7 @@ def results_table(engine: Engine, outcomes: list[Outcome], settings: Settings, m
                 labels = [task, variant.mode, variant.method, variant.budget_label, variant.dtype_label]
                 table.rows.append([*labels, str(s.n), *numbers])
     table.caption = (
-        "ask: the question ends the prompt (query-aware). agnostic: a saved cache built at the budget without the "
+        "ask: the question ends the prompt (query-aware). question-blind: a saved cache built at the budget without the "
         f"question. two-stage: built at min(100%, {settings.stored_factor:g}× budget), each question re-selects down "
         "to the budget. query-aware: built paused at the TSP layer, each question resumes it as ask would. "
         "every-token: a fullkv cache, each question selects the budget from it (SnapKV with its own tokens). "
@@ -99,7 +99,7 @@ def plot(outcomes: list[Outcome], settings: Settings, title: str, path: Path) ->
     tasks = tasks_of(outcomes)
     budgets = list(dict.fromkeys(v.budget for v in settings.variants if v.budget is not None))
     methods = list(dict.fromkeys(v.method for v in settings.variants if v.budget is not None))
-    styles = {"ask": "-o", "query-aware": "-.D", "two-stage": "--s", "agnostic": ":^", "every-token": "-.x"}
+    styles = {"ask": "-o", "query-aware": "-.D", "two-stage": "--s", "question-blind": ":^", "every-token": "-.x"}
     lines = list(dict.fromkeys((v.mode, v.dtype) for v in settings.variants))
     fig = Figure(figsize=(6 * len(tasks), 4.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]

@@ -7,7 +7,7 @@ from core.generation import Decoding
 from core.methods import DEFAULT_METHOD, METHODS, Budget, Method, make_method
 from core.methods.fullkv import FullKV
 
-MODES = ("ask", "agnostic", "two-stage", "query-aware", "every-token")
+MODES = ("ask", "question-blind", "two-stage", "query-aware", "every-token")
 STORED_FACTOR = 3.0
 
 

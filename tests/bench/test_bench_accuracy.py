@@ -254,7 +254,7 @@ def test_the_halves_are_fixed_and_each_spans_every_document_and_length(tiny_toke
 
 
 def test_saved_answers_equal_engine_build_and_query(engine, tiny_items):
-    settings = tiny_settings(["ask", "agnostic", "two-stage", "query-aware", "every-token"])
+    settings = tiny_settings(["ask", "question-blind", "two-stage", "query-aware", "every-token"])
     refs = [run_ask(engine, item, settings, lambda: None)[1] for item in tiny_items]
     outcomes = run_saved(engine, tiny_items, refs, settings, advance=lambda: None)
     saved_variants = [v for v in settings.variants if v.mode != "ask"]

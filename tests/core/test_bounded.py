@@ -23,7 +23,7 @@ from tests.helpers import assert_one_line_error, fastkv
 from tests.pdfs import make_text_pdf
 from tests.tiny_models import fastkv_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the keeper logged ships storms oil lamp harbour tower 1871 paraffin, colza (Ada) Lindqvist".split()
 QUESTION = "What did the keeper log?"
 

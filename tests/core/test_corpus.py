@@ -1,5 +1,5 @@
 """Many documents on one machine: `ask --each`, `cache build --each -o DIR`, `cache ask CACHE... QUESTION`;
-per-document failures, resumable builds, Ctrl-C. (Ray: tests/test_corpus_ray.py.)"""
+per-document failures, resumable builds, Ctrl-C. (Ray: tests/core/test_corpus_ray.py.)"""
 
 import hashlib
 import json
@@ -14,7 +14,7 @@ from core.corpus import cache_targets
 from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers
 from tests.json_schema import SCHEMA
-from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
+from tests.tiny_models import fastkv_command, save_slow_llama
 
 QUESTION = "When was the lighthouse automated?"
 MAX_NEW = 4
@@ -23,19 +23,14 @@ TEXTS = {
     "keeper.md": "The keeper logged 41 ships in 1871.\nThe lamp burned colza oil until 1904.\n",
     "storms.txt": "Storms closed the harbour for nine days in 1953.\nThe lifeboat station opened in 1860.\n",
 }
-BUILD_WINDOW = 1024  # `cache build` keeps room for a later question
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+pytestmark = pytest.mark.usefixtures("wide_terminal")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("corpus-model")
-    save_tiny_llama(folder, tiny_tokenizer, BUILD_WINDOW)
-    return folder
+def model(build_model_folder) -> Path:
+    return build_model_folder
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """On a CUDA device the runner still equals the HF model, and fastkv with nothing to drop equals fullkv.
 
-Skipped without CUDA; run on a GPU machine with `pytest tests/test_cuda.py`. The CPU suite proves the
+Skipped without CUDA; run on a GPU machine with `pytest tests/core/test_cuda.py`. The CPU suite proves the
 same properties in depth; these check that nothing in the CUDA path (device placement, SDPA's CUDA
 kernels, bfloat16) changes them.
 """

@@ -18,7 +18,7 @@ from core.generation import Decoding
 from core.methods import make_method
 from core.storage import load_cache
 from tests.helpers import default_sigint, fastkv, leftovers
-from tests.tiny_models import fastkv_command, save_slow_llama, save_tiny_llama
+from tests.tiny_models import fastkv_command, save_slow_llama
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray runtime and its workers take a while to start on a small machine
@@ -36,10 +36,8 @@ def ray_runtime():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("ray-model")
-    save_tiny_llama(folder, tiny_tokenizer, 1024)
-    return folder
+def model(build_model_folder) -> Path:
+    return build_model_folder
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from tests.helpers import fastkv, make_document
 
 QUESTION = "When was the lighthouse automated?"
 DOC_TEXT = " ".join(f"In {1800 + i} the keeper logged {i} ships and {i % 7} storms." for i in range(12))
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- the estimate ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ pytestmark = [
     ),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIGHTHOUSE = ROOT / "examples" / "lighthouse.md"
 QUESTION = "In which year was the Harrow Point lighthouse automated?"
 

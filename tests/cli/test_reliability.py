@@ -34,7 +34,7 @@ from tests.tiny_models import fastkv_command, save_slow_llama
 
 QUESTION = "How many ships did the keeper log?"
 DOC_TEXT = "The Harrow Point lighthouse was automated in 1987.\nThe keeper logged 41 ships in 1871.\n"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 

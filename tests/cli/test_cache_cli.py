@@ -12,25 +12,19 @@ from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
 from tests.pdfs import make_text_pdf
-from tests.tiny_models import save_tiny_llama
 
-BUILD_WINDOW = 1024  # `cache build` reserves 512 tokens for a later question: more than the shared folder's 512
 PDF_PAGES = ["The keeper logged 41 ships in 1871.\nThe lamp burned colza oil.", "In 1904 the lamp burned paraffin."]
 DOC_NAMES = ["logbook.pdf", "notes.txt"]  # `built` names them relative to their folder: the same prompt every run
 NOTES = "The Harrow Point lighthouse was automated in 1987.\nThomas Arkwright Bell designed the tower.\n"
 MAX_NEW = 4
 
 
-@pytest.fixture(autouse=True)
-def wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")  # rich tables: no wrapping of long tmp paths
+pytestmark = pytest.mark.usefixtures("wide_terminal")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("cache-model")
-    save_tiny_llama(folder, tiny_tokenizer, BUILD_WINDOW)
-    return folder
+def model(build_model_folder) -> Path:
+    return build_model_folder
 
 
 @pytest.fixture(scope="module")
