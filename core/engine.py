@@ -15,9 +15,9 @@ from core.errors import CacheFileError, ContextOverflowError, FastKVError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
 from core.memory import MemoryGuard
-from core.methods import DEFAULT_METHOD, Budget, Method, PauseAfter, make_method
+from core.methods import Budget, Method, PauseAfter
 from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sha256
-from core.options import BuildPlan
+from core.options import BuildPlan, MethodOptions
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
 from core.runner import Runner
@@ -153,7 +153,7 @@ class Engine:
         """
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         question_ids = encode_question(self.loaded.tokenizer, self.template, question)
-        method = (method or make_method(DEFAULT_METHOD)).for_question(len(question_ids))
+        method = (method or MethodOptions().make()).for_question(len(question_ids))
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         new_tokens, extra = decoding.max_new_tokens, len(question_ids)
         most = memory_room(guard, truncate, method, extra, new_tokens=new_tokens)

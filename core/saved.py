@@ -1,11 +1,11 @@
 """A prefilled context saved without its question: what `cache build` writes and reports, what `cache query`
 loads, and how each question selects from it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.kvcache import KVCache
-from core.methods import Budget, Method, make_method
+from core.methods import Budget, Method
 from core.methods.snapkv import SnapKV
 from core.stats import RunStats
 from core.storage import Manifest, ModelFingerprint, quantization_for
@@ -25,11 +25,10 @@ def query_method(manifest: Manifest, budget: Budget | None, question_tokens: int
     with, at `budget` if given, exactly as `ask` runs it. Otherwise two-stage selection: the question's
     own tokens score the stored ones and keep `budget` (default: the file's query budget); None when
     answers should use every stored token."""
-    method, parameters = manifest.method.name, manifest.method.parameters
+    parameters = manifest.method.parameters
     if manifest.paused_layer is not None:
-        return make_method(method, **{**parameters, "budget": budget or parameters["budget"]}).for_question(
-            question_tokens
-        )
+        resumed = replace(manifest.method, parameters={**parameters, "budget": budget or parameters["budget"]})
+        return resumed.make().for_question(question_tokens)
     if budget is None and manifest.query_budget is not None:
         budget = Budget.parse(manifest.query_budget)
     if budget is None:
