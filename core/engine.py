@@ -63,16 +63,17 @@ class Answer:
         }
 
 
+def document_records(documents: list[Document], context: Context) -> tuple[DocumentRecord, ...]:
+    """Each document as a saved context records it: its tokens in the context and each page's token span."""
+    return tuple(
+        DocumentRecord(doc.name, doc.sha256, doc.pages, tokens, doc.size, tuple(spans))
+        for doc, tokens, spans in zip(documents, context.tokens_per_document, context.page_token_spans, strict=True)
+    )
+
+
 def document_summaries(documents: list[Document], context: Context) -> list[dict]:
     """Per document: name, sha256, pages, the tokens in the context and how many pages have some there."""
-    return [
-        {"name": doc.name, "sha256": doc.sha256, "pages": doc.pages, "tokens": tokens, "pages_used": used}
-        for doc, tokens, used in zip(documents, context.tokens_per_document, pages_used(context), strict=True)
-    ]
-
-
-def pages_used(context: Context) -> list[int]:
-    return [sum(end > start for start, end in pages) for pages in context.page_token_spans]
+    return [record.summary() for record in document_records(documents, context)]
 
 
 def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method, extra: int, **kw) -> int | None:
@@ -249,12 +250,7 @@ class Engine:
             context_tokens=len(context.ids),
             dropped_tokens=context.dropped_tokens,
             template=Template(self.template.question_prefix, self.template.tail),
-            documents=tuple(
-                DocumentRecord(doc.name, doc.sha256, doc.pages, tokens, doc.size, tuple(spans))
-                for doc, tokens, spans in zip(
-                    documents, context.tokens_per_document, context.page_token_spans, strict=True
-                )
-            ),
+            documents=document_records(documents, context),
         )
 
     def build_file(
@@ -343,16 +339,7 @@ class Engine:
         self.record_cache(stats, cache)
         text = self.decode(cache, logits, decoding, on_text, stats, clock)
         stats.ttft_s += stats.cache_load_s or 0.0
-        documents = [
-            {
-                "name": doc.name,
-                "sha256": doc.sha256,
-                "pages": doc.pages,
-                "tokens": doc.tokens,
-                "pages_used": doc.pages_used,
-            }
-            for doc in manifest.documents
-        ]
+        documents = [doc.summary() for doc in manifest.documents]
         method = manifest.method
         label = selection.budget_label if selection else method.parameters.get("budget")
         return Answer(question, text, self.loaded.name, method.name, label, documents, stats, logits)

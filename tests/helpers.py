@@ -170,3 +170,11 @@ def default_sigint() -> None:
 def leftovers(folder: Path) -> list[str]:
     """Temp files or staging folders in `folder` (and below)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if ".tmp" in p.name or "converting" in p.name)
+
+
+def write_texts(texts: dict[str, str]) -> list[str]:
+    """Each text written to a file of its name in the current folder -> the names, relative (a document's name
+    is part of its prompt)."""
+    for name, text in texts.items():
+        Path(name).write_text(text)
+    return list(texts)

@@ -98,16 +98,18 @@ class DocumentRecord:
                 raise CacheFileError(f"{where}.page_token_spans holds {str(span)[:40]}, not a [start, end) span")
         return cls(**strings, **counts, page_token_spans=tuple((start, end) for start, end in spans))
 
-    def to_dict(self) -> dict:
+    def summary(self) -> dict:
+        """What an answer's `documents` entry says of it (the `--json` schema)."""
         return {
             "name": self.name,
             "sha256": self.sha256,
             "pages": self.pages,
             "tokens": self.tokens,
             "pages_used": self.pages_used,
-            "size": self.size,
-            "page_token_spans": [list(span) for span in self.page_token_spans],
         }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "size": self.size, "page_token_spans": [list(span) for span in self.page_token_spans]}
 
 
 @dataclass(frozen=True)

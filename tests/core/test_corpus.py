@@ -12,7 +12,7 @@ import pytest
 
 from core.corpus import cache_targets
 from core.storage import load_cache, read_manifest
-from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers
+from tests.helpers import assert_one_line_error, default_sigint, fastkv, leftovers, write_texts
 from tests.json_schema import SCHEMA
 from tests.tiny_models import fastkv_command, save_slow_llama
 
@@ -37,9 +37,7 @@ def model(build_model_folder) -> Path:
 def docs(tmp_path, monkeypatch) -> list[str]:
     """The documents by relative name (names are part of the prompt), in the test's own folder."""
     monkeypatch.chdir(tmp_path)
-    for name, text in TEXTS.items():
-        Path(name).write_text(text)
-    return list(TEXTS)
+    return write_texts(TEXTS)
 
 
 def lines(result) -> list[dict]:

@@ -17,7 +17,7 @@ from core.corpus import AskTask, Item
 from core.generation import Decoding
 from core.methods import make_method
 from core.storage import load_cache
-from tests.helpers import default_sigint, fastkv, leftovers
+from tests.helpers import default_sigint, fastkv, leftovers, write_texts
 from tests.tiny_models import fastkv_command, save_slow_llama
 
 ray = pytest.importorskip("ray")
@@ -43,9 +43,7 @@ def model(build_model_folder) -> Path:
 @pytest.fixture
 def docs(tmp_path, monkeypatch) -> list[str]:
     monkeypatch.chdir(tmp_path)
-    for name, text in DOCS.items():
-        Path(name).write_text(text)
-    return list(DOCS)
+    return write_texts(DOCS)
 
 
 def lines(result) -> list[dict]:
