@@ -11,7 +11,7 @@ import torch
 
 from core import __version__ as FASTKV_VERSION
 from core.documents import Document
-from core.errors import CacheFileError, ContextOverflowError, FastKVError
+from core.errors import CacheFileError, ContextOverflowError, FastKVError, InputError
 from core.generation import Decoding, TextStream, generate, stop_token_ids
 from core.kvcache import KVCache, full_kv_bytes
 from core.memory import MemoryGuard
@@ -20,6 +20,7 @@ from core.models import LoadedModel, load_model, model_fingerprint, tokenizer_sh
 from core.options import BuildPlan, MethodOptions
 from core.progress import Progress, no_progress
 from core.prompt import Context, PromptTemplate, check_truncate, encode_context, encode_question, fit_context
+from core.reconstruction import Probe, probes_for
 from core.runner import Runner
 from core.saved import BuiltCache, SavedContext, query_method
 from core.stats import RunStats, Stopwatch
@@ -155,6 +156,8 @@ class Engine:
         stats, clock = RunStats(load_s=self.load_s), Stopwatch()
         question_ids = encode_question(self.loaded.tokenizer, self.template, question)
         method = (method or MethodOptions().make()).for_question(len(question_ids))
+        if method.reconstructs:
+            raise InputError(f"--method {method.name} selects without the question, for a saved cache: use cache build")
         guard = None if ignore_memory else MemoryGuard.for_model(self.loaded.model)
         new_tokens, extra = decoding.max_new_tokens, len(question_ids)
         most = memory_room(guard, truncate, method, extra, new_tokens=new_tokens)
@@ -227,13 +230,20 @@ class Engine:
             tokens = len(context.ids) + len(steering)
             guard.check(tokens, selection, saved_dtype=storage, truncating=truncate is not None)
         stats.tokenize_s = clock.lap()
-        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress)
+        probes = self.probes(context.ids, method)
+        prefill = self.runner.prefill(self.tensor(context.ids + steering), selection, progress, probes)
         cache = prefill.cache.without_last(len(steering))
         stats.prefill_s = clock.lap()
         stats.context_tokens, stats.dropped_tokens = len(context.ids), context.dropped_tokens
         stats.dropped_tokens_estimated, stats.layer_tokens = context.dropped_estimated, prefill.layer_tokens
         self.record_cache(stats, cache)
         return SavedContext(cache, self.manifest(documents, context, plan, pause), stats)
+
+    def probes(self, context_ids: list[int], method: Method) -> list[Probe]:
+        """The reconstruction probes of a method that scores with them (KVzip), on this device."""
+        if not method.reconstructs:
+            return []
+        return probes_for(self.loaded.tokenizer, self.template, context_ids, method.chunk, self.loaded.device)
 
     def manifest(self, documents: list[Document], context: Context, plan: BuildPlan, pause: int | None) -> Manifest:
         """What a saved context records of its model, method, context and documents (the file adds its storage)."""

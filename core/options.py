@@ -19,6 +19,7 @@ class MethodOptions:
     pooling: str | None = None
     window: str | int | None = None
     filter_layer: int | None = None
+    head_budget: str | None = None
 
     def make(self) -> Method:
         parameters = {key: value for key, value in vars(self).items() if key != "name"}
@@ -86,7 +87,7 @@ class BuildPlan:
         answers are `ask`'s: question-blind for a method with no TSP layer, or when `query_budget` or
         `questions` select without each question. The storage defaults by kind (storage_for)."""
         if query_aware is None:
-            query_aware = method.propagates and query_budget is None and not questions
+            query_aware = method.propagates and method.selects_by_question and query_budget is None and not questions
         storage = storage_for(storage, query_aware)
         return cls(method, query_budget, questions, query_aware, storage, truncate, ignore_memory)
 
@@ -101,6 +102,10 @@ def check_query_aware(method: Method, query_budget: Budget | None, questions: tu
     """A query-aware build pauses where the method starts selecting by the question: fastkv's TSP layer."""
     if not method.propagates:
         raise InputError(f"--query-aware pauses at fastkv's TSP layer; --method {method.name} has none")
+    if not method.selects_by_question:
+        raise InputError(
+            f"--query-aware leaves the selection to each question; --method {method.name} selects without one"
+        )
     if questions or query_budget is not None:
         given = "--questions" if questions else "--query-budget"
         raise InputError(f"{given} does not apply to --query-aware: each question selects for itself")

@@ -1,5 +1,6 @@
 """The layer loop over a Hugging Face decoder's own modules: prefill the context, extend it, decode."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from core.kvcache import KVCache, LayerKV, Paused
 from core.methods import FullKV, LayerInput, Method, Selection
 from core.models import check_supported
 from core.progress import Progress, no_progress
+from core.reconstruction import Probe, probe_attention
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -27,6 +29,35 @@ class Prefill:
     cache: KVCache
     logits: Tensor | None  # [vocab] float32, the next-token logits after the last token; None when paused
     layer_tokens: list[int]  # how many tokens each layer ran on (GemFilter: both passes, in order)
+
+
+@dataclass
+class ProbeRun:
+    """A reconstruction probe on its way through the layers: its hidden states, positions and RoPE, and
+    the context position each token repeats (-1: the probe's prompt)."""
+
+    h: Tensor  # [m, hidden]
+    positions: Tensor  # [m]
+    source: Tensor  # [m]
+    cos: Tensor
+    sin: Tensor
+
+    def span(self, positions: Tensor) -> slice:
+        """Where the context tokens this probe repeats lie among those at `positions` (sorted)."""
+        copied = self.source[self.source >= 0]
+        if not copied.numel():
+            return slice(0, 0)
+        bounds = torch.stack([copied[0], copied[-1] + 1])
+        first, end = torch.searchsorted(positions, bounds).tolist()
+        return slice(first, end)
+
+    def following(self, propagated: Tensor, seq_len: int) -> "ProbeRun":
+        """The probe's tokens that go on past a TSP layer: its prompt, and its copies of the context
+        positions `propagated`."""
+        kept = torch.zeros(seq_len, dtype=torch.bool, device=self.source.device)
+        kept[propagated] = True
+        on = (self.source < 0) | kept[self.source.clamp(min=0)]
+        return ProbeRun(self.h[on], self.positions[on], self.source[on], self.cos[on], self.sin[on])
 
 
 class Runner:
@@ -131,26 +162,58 @@ class Runner:
     def logits(self, h_last: Tensor) -> Tensor:
         return self.model.lm_head(self.decoder.norm(h_last)).float()
 
+    def start_probe(self, probe: Probe, seq_len: int) -> ProbeRun:
+        """A probe placed right after the context's seq_len tokens."""
+        positions = torch.arange(seq_len, seq_len + probe.ids.shape[0], device=probe.ids.device)
+        h = self.decoder.embed_tokens(probe.ids)
+        return ProbeRun(h, positions, probe.source, *self.rope(h, positions))
+
+    def run_probes(self, layer, probes: list[ProbeRun], k: Tensor, v: Tensor, positions: Tensor, last: bool) -> Tensor:
+        """One layer of every probe over the context's keys k and values v [kv_heads, n, d] at `positions`;
+        returns each context key's reconstruction score [kv_heads, n] (by the probe that repeats it; 0 for a
+        key none repeats), and moves the probes on unless `last`."""
+        scores = torch.zeros(k.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
+        for probe in probes:
+            q_p, k_p, v_p = self.qkv(layer, layer.input_layernorm(probe.h), probe.cos, probe.sin)
+            keys, values = torch.cat([k, k_p], dim=1), torch.cat([v, v_p], dim=1)
+            span = probe.span(positions)
+            output, scores[:, span] = probe_attention(q_p, keys, values, k.shape[1], span, layer.self_attn.scaling)
+            if not last:
+                attended = layer.self_attn.o_proj(output.transpose(0, 1).reshape(probe.h.shape[0], -1))
+                probe.h = self.mlp(layer, probe.h + attended)
+        return scores
+
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, method: Method | None = None, progress: Progress = no_progress) -> Prefill:
+    def prefill(
+        self,
+        ids: Tensor,
+        method: Method | None = None,
+        progress: Progress = no_progress,
+        probes: Sequence[Probe] = (),
+    ) -> Prefill:
         """Run the context ids [L] through every layer; the method picks what each layer caches and passes on.
 
         Attention itself is always exact over the tokens a layer sees; only the cache and the set of
         tokens that reach deeper layers (Token-Selective Propagation) are reduced. A method may pause
         the prefill after a layer: the deeper layers' caches stay empty, there are no logits, and the
-        cache holds the hidden states for `extend` to resume from.
+        cache holds the hidden states for `extend` to resume from. Reconstruction `probes` run beside the
+        context through the first layers the method scores with them (KVzip); a method may defer its
+        selection to the end, when every layer's scores are in.
         """
         method = method or FullKV()
         positions = torch.arange(ids.shape[0], device=ids.device)  # original positions of the tokens present
         h = self.decoder.embed_tokens(ids)  # [n, hidden]
         cos, sin = self.rope(h, positions)
-        cache, layer_tokens, held_queries = KVCache(seq_len=ids.shape[0]), [], []
+        cache, layer_tokens, held_queries, deferred = KVCache(seq_len=ids.shape[0]), [], [], []
+        depth = method.reconstruction_depth(ids.shape[0], self.num_layers) if probes else 0
+        running = [self.start_probe(probe, ids.shape[0]) for probe in probes] if depth else []
         for i, layer in enumerate(self.decoder.layers):
             q, k, v = self.qkv(layer, layer.input_layernorm(h), cos, sin)
             rows, q_rows, mask, causal = self.rows_read(i, h, q, None, True)
             h = self.mlp(layer, rows + self.attend(layer, q_rows, k, v, mask, causal))
             layer_tokens.append(k.shape[1])
-            selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k))
+            scores = self.run_probes(layer, running, k, v, positions, last=i == depth - 1) if i < depth else None
+            selection = method.select(LayerInput(i, self.num_layers, ids.shape[0], q, k, reconstruction=scores))
             if selection.restart is not None:  # GemFilter: prefill the chosen tokens again from scratch
                 progress("prefill", self.num_layers, self.num_layers)
                 restarted = self.prefill(ids[selection.restart], FullKV(), progress)
@@ -166,10 +229,16 @@ class Runner:
                                  for _ in range(i + 1, self.num_layers)]  # fmt: skip
                 progress("prefill", self.num_layers, self.num_layers)
                 return Prefill(cache, None, layer_tokens)
+            if selection.deferred is not None:
+                deferred.append(selection.deferred)
             if selection.propagate is not None:
                 keep = selection.propagate
                 h, positions, cos, sin = h[keep], positions[keep], cos[keep], sin[keep]
+                running = [probe.following(positions, ids.shape[0]) for probe in running]
             progress("prefill", i + 1, self.num_layers)
+        if deferred:
+            keeps = method.select_deferred(deferred, ids.shape[0])
+            cache.layers = [layer.select(keep) for layer, keep in zip(cache.layers, keeps, strict=True)]
         return Prefill(cache, self.logits(h[-1]), layer_tokens)
 
     @torch.inference_mode()

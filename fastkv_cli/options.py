@@ -32,21 +32,26 @@ Truncate = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer on stdout, nothing else there.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
-MethodName = Annotated[str, typer.Option("--method", help="fastkv, fullkv, snapkv, adakv, streamingllm or gemfilter.")]
+MethodName = Annotated[
+    str,
+    typer.Option("--method", help="fastkv, fullkv, snapkv, adakv, streamingllm, gemfilter or kvzip (saved caches)."),
+]
 Budget = Annotated[
     str | None,
     typer.Option(
         help="Tokens cached per layer: a share of the context (10%), a count (1024), or a share with a floor "
-        "(30%,2048: whichever is more) [default: 30%,2048 for fastkv, 10% otherwise]."
+        "(30%,2048: whichever is more) [default: 30%,2048 for fastkv, 50% for kvzip, 10% otherwise]."
     ),
 ]
 TspLayer = Annotated[
-    int | None, typer.Option(help="fastkv: the layer after which only selected tokens propagate [default: middle].")
+    int | None,
+    typer.Option(help="fastkv, kvzip: the layer after which only selected tokens propagate [default: middle]."),
 ]
 TspRate = Annotated[
     str | None,
     typer.Option(
-        help="fastkv: tokens propagated past --tsp-layer, share (20%) or count [default: 20%; a larger --budget propagates the budget]."
+        help="fastkv, kvzip: tokens propagated past --tsp-layer, share (20%) or count [default: 20% for fastkv, "
+        "none for kvzip (no TSP); a larger --budget propagates the budget]."
     ),
 ]
 Pooling = Annotated[str | None, typer.Option(help="fastkv/snapkv/adakv: avgpool or maxpool over the window scores.")]
@@ -55,6 +60,13 @@ Window = Annotated[
     typer.Option(
         help="fastkv/snapkv/adakv: how many last queries score the tokens, or 'question': every token of the question "
         "and the chat template after it [default: question; 8 for a cache built without one]."
+    ),
+]
+HeadBudget = Annotated[
+    str | None,
+    typer.Option(
+        help="kvzip: uniform (every layer and KV head keeps the budget), adaptive (a layer's budget shared by its "
+        "heads by score) or global (one budget over the whole cache) [default: uniform]."
     ),
 ]
 FilterLayer = Annotated[
@@ -176,6 +188,7 @@ SELECTION = {
     "tsp_rate": (TspRate, None),
     "pooling": (Pooling, None),
     "window": (Window, None),
+    "head_budget": (HeadBudget, None),
 }
 DECODING = {"max_new_tokens": (MaxNewTokens, 256), "temperature": (Temperature, 0.0), "top_p": (TopP, 1.0)}
 RAY = {"ray": (Ray, None), "ray_workers": (RayWorkers, None), "ray_gpus_per_worker": (RayGpusPerWorker, 0.0)}

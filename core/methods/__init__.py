@@ -6,10 +6,11 @@ from core.methods.base import Budget, LayerInput, Method, PauseAfter, Selection
 from core.methods.fastkv import FastKV
 from core.methods.fullkv import FullKV
 from core.methods.gemfilter import GemFilter
+from core.methods.kvzip import KVzip
 from core.methods.snapkv import SnapKV
 from core.methods.streamingllm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, AdaKV, StreamingLLM, GemFilter)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, AdaKV, StreamingLLM, GemFilter, KVzip)}
 DEFAULT_METHOD = "fastkv"
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "PauseAfter", "Selection", "make_method"]

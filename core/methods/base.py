@@ -76,6 +76,7 @@ class LayerInput:
     q: Tensor  # [heads, n, head_dim], after RoPE
     k: Tensor  # [kv_heads, n, head_dim], after RoPE
     valid: Tensor | None = None  # [kv_heads, n] bool: False at a head-adaptive cache's empty slots
+    reconstruction: Tensor | None = None  # [kv_heads, n] float32: the probes' scores (core/reconstruction.py)
 
     @property
     def present(self) -> int:
@@ -91,6 +92,7 @@ class Selection:
     restart: Tensor | None = None  # [m''] sorted token ids to prefill again with fresh positions
     pause: bool = False  # stop the prefill after this layer, holding every token's hidden state
     hold_queries: int = 0  # keep this layer's last queries with a paused prefill, for its resume to score with
+    deferred: Tensor | None = None  # scores for a selection over every layer at once (Method.select_deferred)
 
 
 def top_tokens(scores: Tensor, count: int, window: int) -> Tensor:
@@ -112,6 +114,8 @@ class Method:
     propagates: ClassVar[bool] = False  # deeper layers may run on fewer tokens
     needs_full_prefill: ClassVar[bool] = False  # compresses only after an exact prefill
     restarts: ClassVar[bool] = False  # prefills a token subset again with new positions
+    selects_by_question: ClassVar[bool] = True  # a query-aware saved cache can leave the selection to each question
+    reconstructs: ClassVar[bool] = False  # scores with reconstruction probes (core/reconstruction.py)
 
     def select(self, layer: LayerInput) -> Selection:
         return Selection()
@@ -123,6 +127,14 @@ class Method:
     def held_tokens(self, context_len: int) -> int:
         """Tokens whose hidden states the prefill holds when it pauses (memory estimate)."""
         return 0
+
+    def reconstruction_depth(self, context_len: int, num_layers: int) -> int:
+        """How many first layers the reconstruction probes run through (0: the method uses none)."""
+        return 0
+
+    def select_deferred(self, scores: list[Tensor], context_len: int) -> list[Tensor]:
+        """Each layer's `keep`, from the scores every layer deferred: a budget over the whole cache."""
+        raise NotImplementedError
 
     def pause_layer(self, num_layers: int) -> int | None:
         """Where a query-aware saved cache pauses: the last layer whose work does not depend on the

@@ -340,6 +340,7 @@ def test_a_query_aware_cache_answers_as_ask_does(documents, model, tmp_path):
         ([], True),  # the default: ask's answers
         (["--question-blind"], False),
         (["--method", "snapkv"], False),  # no TSP layer to pause at
+        (["--method", "kvzip", "--tsp-rate", "50%"], False),  # selects without the question
         (["--budget", "60%", "--query-budget", "20%"], False),  # each question re-selects instead
         (["--query-aware", "--question-blind"], False),  # the last flag wins, as for every flag pair
     ],
@@ -359,6 +360,7 @@ def test_build_is_query_aware_wherever_it_can_be(documents, model, tmp_path, opt
     [
         (["--method", "snapkv"], "--method snapkv has none"),
         (["--query-budget", "10%"], "--query-budget does not apply to --query-aware"),
+        (["--method", "kvzip", "--tsp-rate", "50%"], "--method kvzip selects without one"),
     ],
 )
 def test_query_aware_build_refuses_what_does_not_apply_before_loading(documents, tmp_path, options, needle):
@@ -366,6 +368,34 @@ def test_query_aware_build_refuses_what_does_not_apply_before_loading(documents,
 
     assert_one_line_error(result, needle)
     assert not (tmp_path / "x.fkv").exists()
+
+
+def test_a_kvzip_cache_at_every_token_answers_as_fullkv_and_at_half_keeps_half(documents, model, tmp_path):
+    questions = ["In which year was the lighthouse automated?", "Who designed the tower?"]
+    answers = {}
+    for name, options in {
+        "fullkv": ["--method", "fullkv"],
+        "kvzip-all": ["--method", "kvzip", "--budget", "100%"],
+        "kvzip-half": ["--method", "kvzip", "--budget", "50%", "--window", "4"],
+    }.items():
+        path = tmp_path / f"{name}.fkv"
+        built = build(documents, path, model, *options, "--json", "--quiet")
+        assert built.exit_code == 0, built.output
+        assert json.loads(built.stdout)["kind"] == "question-blind"
+        answers[name] = [line["answer"] for line in json_lines(query(path, *questions, "--json", "--quiet"))]
+        manifest = read_manifest(path)
+        assert manifest.method.name == ("fullkv" if name == "fullkv" else "kvzip")
+    half = read_manifest(tmp_path / "kvzip-half.fkv")
+
+    assert answers["kvzip-all"] == answers["fullkv"]
+    assert half.policy["budget_tokens"] == half.context_tokens // 2
+    assert all(layer.length == half.context_tokens // 2 for layer in load_cache(tmp_path / "kvzip-half.fkv")[0].layers)
+
+
+def test_ask_with_kvzip_exits_2_pointing_at_cache_build(documents, model):
+    result = fastkv("ask", *documents, "Who designed the tower?", "--model", model, "--method", "kvzip")
+
+    assert_one_line_error(result, "--method kvzip", "cache build")
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

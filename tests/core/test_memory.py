@@ -24,6 +24,7 @@ from core.memory import MemoryGuard, Sizes, estimate_prefill, mapped_bytes
 from core.methods import METHODS, PauseAfter, make_method
 from core.models import EMBEDDED_PACKAGE, load_model
 from core.prompt import encode_question
+from core.reconstruction import Probe
 from core.runner import Runner
 from tests.helpers import fastkv, make_document
 
@@ -58,7 +59,8 @@ def test_the_methods_peak_cache_bounds_what_a_real_prefill_keeps(tiny_models, na
     method = make_method(name, budget="20%") if name != "fullkv" else make_method(name)
     ids = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
 
-    cache = Runner(model).prefill(ids, method).cache
+    probes = [Probe(ids, torch.arange(200))] if method.reconstructs else ()  # kvzip: the context repeated
+    cache = Runner(model).prefill(ids, method, probes=probes).cache
     held = sum(layer.length for layer in cache.layers)  # slots, empty ones (adakv) included
     bound = method.peak_cache_tokens(200, model.config.num_hidden_layers)
 
@@ -66,6 +68,27 @@ def test_the_methods_peak_cache_bounds_what_a_real_prefill_keeps(tiny_models, na
     # TSP layers may keep fewer than the budget, head-adaptive ones pad to their longest head only
     if not method.propagates and not getattr(method, "adaptive", False):
         assert held == bound
+
+
+@pytest.mark.parametrize(
+    "parameters", [{"head_budget": "adaptive"}, {"head_budget": "global"}, {"tsp_rate": "40%", "tsp_layer": 1}]
+)
+def test_kvzips_peak_cache_bounds_what_its_prefill_holds(tiny_models, parameters):
+    model, layers = tiny_models["llama"], tiny_models["llama"].config.num_hidden_layers
+    method = make_method("kvzip", budget="20%", **parameters)
+    ids = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    held = []
+
+    class Holding(type(method)):  # what each layer holds: all it saw until a deferred (global) selection ends
+        def select(self, layer):
+            selection = super().select(layer)
+            kept = selection.keep is not None and selection.deferred is None
+            held.append(selection.keep.shape[1] if kept else layer.present)
+            return selection
+
+    Runner(model).prefill(ids, Holding(**vars(method)), probes=[Probe(ids, torch.arange(200))])
+
+    assert sum(held) <= method.peak_cache_tokens(200, layers)
 
 
 def test_gemfilter_counts_the_first_pass_it_still_holds(tiny_models):

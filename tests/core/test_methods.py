@@ -32,6 +32,7 @@ SEED = 7
 
 # Every registered method, easiest first (kvpress style); tests take the ones their property fits.
 METHODS = ["fullkv", "streamingllm", "snapkv", "adakv", "gemfilter", "fastkv"]
+PROBED = ["kvzip"]  # scores with reconstruction probes, which only a build makes: tests/core/test_kvzip.py
 PER_LAYER = ["streamingllm", "snapkv", "fastkv"]  # cache a budget per layer and KV head
 BUDGETS = ["10%", "25%", "40"]
 
@@ -115,7 +116,7 @@ def reference_top(scores: torch.Tensor, count: int, window: int) -> list[list[in
 
 
 def test_method_list_covers_the_registry():
-    assert sorted(METHODS) == sorted(core.methods.METHODS)
+    assert sorted(METHODS + PROBED) == sorted(core.methods.METHODS)
 
 
 def test_fullkv_equals_the_hf_forward(tiny_model):
