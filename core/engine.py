@@ -23,7 +23,7 @@ from core.prompt import Context, PromptTemplate, check_truncate, encode_context,
 from core.reconstruction import Probe, probes_for
 from core.runner import Runner
 from core.saved import BuiltCache, SavedContext, query_method
-from core.stats import RunStats, Stopwatch
+from core.stats import RunStats, SharedLoad, Stopwatch
 from core.storage import (
     DocumentRecord,
     Manifest,
@@ -87,11 +87,12 @@ def memory_room(guard: MemoryGuard | None, truncate: str | None, method: Method,
 
 
 class Engine:
-    """A loaded model with its runner and prompt template; reused for every question in a process."""
+    """A loaded model with its runner and prompt template; reused for every question in a process. Its load
+    is in the stats of the first run (ask, build or query) only: the later ones did not wait for it."""
 
     def __init__(self, loaded: LoadedModel, load_s: float | None = None):
         self.loaded = loaded
-        self.load_s = load_s
+        self.model_load = SharedLoad(load_s)
         self.runner = Runner(loaded.model)
         self.template = PromptTemplate.for_tokenizer(loaded.tokenizer)
         self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
@@ -107,6 +108,11 @@ class Engine:
         start = time.perf_counter()
         loaded = load_model(model, device, dtype, progress)
         return cls(loaded, time.perf_counter() - start)
+
+    @property
+    def load_s(self) -> float | None:
+        """How long loading the model took (Engine.load), whether or not a run has reported it yet."""
+        return self.model_load.seconds
 
     @cached_property
     def longest_token(self) -> int:
@@ -153,7 +159,7 @@ class Engine:
         would not fit the device's free memory is refused before it starts (MemoryLimitError);
         with `truncate`, the documents are cut to what fits.
         """
-        stats, clock = RunStats(load_s=self.load_s), Stopwatch()
+        stats, clock = RunStats(), Stopwatch()
         question_ids = encode_question(self.loaded.tokenizer, self.template, question)
         method = (method or MethodOptions().make()).for_question(len(question_ids))
         if method.reconstructs:
@@ -172,6 +178,7 @@ class Engine:
         stats.layer_tokens = prefill.layer_tokens
         self.record_cache(stats, prefill.cache)
         text = self.decode(prefill.cache, prefill.logits, decoding, on_text, stats, clock)
+        stats.load_s = self.model_load.claim()
         summaries = document_summaries(documents, context)
         return Answer(
             question, text, self.loaded.name, method.name, method.budget_label, summaries, stats, prefill.logits
@@ -219,7 +226,7 @@ class Engine:
         """
         method, truncate, storage = plan.method, plan.truncate, plan.storage
         pause = method.pause_layer(self.runner.num_layers) if plan.query_aware else None
-        stats, clock = RunStats(load_s=self.load_s), Stopwatch()
+        stats, clock = RunStats(), Stopwatch()
         steering = [t for q in plan.questions for t in encode_question(self.loaded.tokenizer, self.template, q)]
         guard = None if plan.ignore_memory else MemoryGuard.for_model(self.loaded.model)
         prefilled = method if pause is None else PauseAfter(pause, window=method.window or 0)
@@ -237,6 +244,7 @@ class Engine:
         stats.context_tokens, stats.dropped_tokens = len(context.ids), context.dropped_tokens
         stats.dropped_tokens_estimated, stats.layer_tokens = context.dropped_estimated, prefill.layer_tokens
         self.record_cache(stats, cache)
+        stats.load_s = self.model_load.claim()
         return SavedContext(cache, self.manifest(documents, context, plan, pause), stats)
 
     def probes(self, context_ids: list[int], method: Method) -> list[Probe]:
@@ -316,12 +324,13 @@ class Engine:
             raise CacheFileError(f"{path}: built with a different tokenizer than the loaded model's")
 
     def load_saved(self, path) -> SavedContext:
-        """A saved cache file, checked against this model and loaded (its load timed): what `cache query` and the
-        server answer from. Layer 0 of a query-aware cache is rebuilt from its token ids."""
+        """A saved cache file, checked against this model and loaded (its load timed, for the first answer from it
+        to report): what `cache query` and the server answer from. Layer 0 of a query-aware cache is rebuilt from
+        its token ids."""
         self.check_compatible(read_manifest(path), str(path))
         start = time.perf_counter()
         cache, manifest = load_cache(path, self.loaded.device, self.loaded.dtype, self.runner)
-        return SavedContext(cache, manifest, RunStats(cache_load_s=time.perf_counter() - start))
+        return SavedContext(cache, manifest, RunStats(), SharedLoad(time.perf_counter() - start))
 
     def query(
         self,
@@ -331,8 +340,9 @@ class Engine:
         decoding: Decoding = Decoding(),
         on_text: Callable[[str], None] = lambda text: None,
     ) -> Answer:
-        """Answer from a fresh copy of a saved context: append the question, re-select, decode."""
-        stats, clock = RunStats(load_s=self.load_s, cache_load_s=saved.stats.cache_load_s), Stopwatch()
+        """Answer from a fresh copy of a saved context: append the question, re-select, decode. The answer's
+        timings are its own; the model's and the cache's loads are in the first answer's stats only."""
+        stats, clock = RunStats(), Stopwatch()
         manifest = saved.manifest
         template = PromptTemplate("", "", manifest.template.question_prefix, manifest.template.tail)
         question_ids = encode_question(self.loaded.tokenizer, template, question)
@@ -348,7 +358,7 @@ class Engine:
         stats.context_tokens = cache.seq_len
         self.record_cache(stats, cache)
         text = self.decode(cache, logits, decoding, on_text, stats, clock)
-        stats.ttft_s += stats.cache_load_s or 0.0
+        stats.load_s, stats.cache_load_s = self.model_load.claim(), saved.load.claim()
         documents = [doc.summary() for doc in manifest.documents]
         method = manifest.method
         label = selection.budget_label if selection else method.parameters.get("budget")

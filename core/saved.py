@@ -1,13 +1,13 @@
 """A prefilled context saved without its question: what `cache build` writes and reports, what `cache query`
 loads, and how each question selects from it."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from core.kvcache import KVCache
 from core.methods import Budget, Method
 from core.methods.snapkv import SnapKV
-from core.stats import RunStats
+from core.stats import RunStats, SharedLoad
 from core.storage import Manifest, ModelFingerprint, quantization_for
 
 
@@ -17,7 +17,8 @@ class SavedContext:
 
     cache: KVCache
     manifest: Manifest
-    stats: RunStats
+    stats: RunStats  # of the build that made it (empty for a loaded file)
+    load: SharedLoad = field(default_factory=SharedLoad)  # reading it from its file: the first answer reports it
 
 
 def query_method(manifest: Manifest, budget: Budget | None, question_tokens: int) -> Method | None:

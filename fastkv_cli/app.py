@@ -340,7 +340,8 @@ def cache_query(
     spec: options.ModelSpec,
     decoding: "Decoding",
 ) -> None:
-    """Answer each question from the saved cache; the model and the cache load once.
+    """Answer each question from the saved cache; the model and the cache load once, reported with the first
+    answer only: every answer's stats are its own.
 
     \b
     Example:

@@ -1,4 +1,5 @@
-"""Rich rendering on stderr: progress of long steps and the stats table of an answer."""
+"""Rich rendering on stderr: progress of long steps, the loads a run waited for, and the stats table of an
+answer."""
 
 import json
 import sys
@@ -67,16 +68,21 @@ def kept_per_layer(kept: list[int], paused_layer: int | None) -> str:
     )
 
 
+def loads_line(load_s: float | None, cache_load_s: float | None) -> str:
+    """The loads a run waited for, e.g. "model load 0.21 s · cache load 0.44 s"; "" when it waited for none."""
+    loads = (("model load", load_s), ("cache load", cache_load_s))
+    return " · ".join(f"{name} {seconds(value)}" for name, value in loads if value is not None)
+
+
 def stats_table(answer) -> Table:
+    """An answer's own timings and sizes (the loads that later answers reuse are a line of their own)."""
     s = answer.stats
     table = Table(title=escape(f"{answer.model} · {answer.method}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
-        ("model load", seconds(s.load_s)),
         ("read", seconds(s.read_s)),
         ("tokenize", seconds(s.tokenize_s)),
-        ("cache load", seconds(s.cache_load_s)),
         ("prefill", seconds(s.prefill_s)),
         ("time to first token", seconds(s.ttft_s)),
         (
@@ -236,12 +242,17 @@ def stream_to_stdout(text: str) -> None:
 
 
 def show(answer, json: bool, quiet: bool) -> None:
-    """After a streamed answer: its JSON line (--json), else the line end; then the stats table on stderr."""
+    """After a streamed answer: its JSON line (--json), else the line end; then on stderr the line of the loads
+    it waited for, if any (only the first answer of a process, or from a loaded cache, has them: the later ones
+    reused them), and its stats table. Nothing reaches stderr before the answer is done, so that an error stays
+    one line and `| head` or Ctrl-C leave no table behind."""
     if json:
         print_json(answer.to_dict())
     elif not answer.text.endswith("\n"):
         stream_to_stdout("\n")
     if not quiet:
+        if line := loads_line(answer.stats.load_s, answer.stats.cache_load_s):
+            stderr.print(line, highlight=False)
         stderr.print(stats_table(answer))
 
 

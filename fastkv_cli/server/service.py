@@ -20,6 +20,7 @@ class Service:
 
     def __init__(self, engine: Engine, settings: Settings):
         self.engine = engine
+        engine.model_load.claim()  # loaded before serving: no request waits for it, so no answer reports it
         self.settings = settings
         self.queue = ModelQueue(settings.queue_size)
         self.caches = CacheLRU(settings.cache_memory_bytes)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
 from tests.pdfs import make_text_pdf
+from tests.tiny_models import fastkv_command
 
 PDF_PAGES = ["The keeper logged 41 ships in 1871.\nThe lamp burned colza oil.", "In 1904 the lamp burned paraffin."]
 DOC_NAMES = ["logbook.pdf", "notes.txt"]  # `built` names them relative to their folder: the same prompt every run
@@ -170,7 +173,8 @@ def test_query_prints_one_answer_per_question(built):
     assert result.exit_code == 0, result.output
     assert len(answers) == 2 and all(answers)
     assert_streamed(result.stdout, answers)
-    assert result.stderr.count("cache load") == 2  # one stats table per answer, on stderr
+    assert result.stderr.count("time to first token") == 2  # one stats table per answer, on stderr
+    assert result.stderr.count("cache load") == 1  # the load they share: one line before them
 
 
 def test_streamed_answers_equal_the_json_answers(built):
@@ -200,13 +204,50 @@ def test_query_json_is_one_line_per_question_with_the_schema(built, model):
         assert [d["sha256"] for d in data["documents"]] == [d.sha256 for d in manifest.documents]
         stats = data["stats"]
         assert STATS_KEYS <= stats.keys()
-        assert isinstance(stats["cache_load_s"], float) and stats["cache_load_s"] >= 0
         assert isinstance(stats["prefill_s"], float) and stats["prefill_s"] >= 0
         assert stats["new_tokens"] == MAX_NEW
         assert stats["context_tokens"] > summary["context_tokens"]  # the context plus this question
         assert len(stats["kept_tokens_per_layer"]) == 4
-    assert first["stats"]["cache_load_s"] == second["stats"]["cache_load_s"]  # loaded once for both
+    assert isinstance(first["stats"]["cache_load_s"], float)  # loaded once, for the first answer
+    assert second["stats"]["cache_load_s"] is None  # which the second reused
     assert "KV cache" in result.stderr
+
+
+THREE_QUESTIONS = ["When was the lighthouse automated?", "Who designed the tower?", "What did the lamp burn?"]
+
+
+def run_query(cache: Path, *args) -> subprocess.CompletedProcess:
+    """`fastkv cache query` as a shell runs it: the installed command in a process of its own."""
+    command = [*fastkv_command(), "cache", "query", str(cache), *map(str, args), "--max-new-tokens", str(MAX_NEW)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_three_questions_report_the_loads_once_and_each_answer_its_own_timings(built):
+    path, summary = built
+
+    shown = run_query(path, *THREE_QUESTIONS)
+    piped = run_query(path, *THREE_QUESTIONS, "--json")
+
+    assert shown.returncode == 0, shown.stderr
+    loads = [line for line in shown.stderr.splitlines() if "load" in line]
+    assert len(loads) == 1 and "model load" in loads[0] and "cache load" in loads[0], shown.stderr
+    assert shown.stderr.count("time to first token") == 3  # each answer's table: its own timings
+    assert shown.stderr.index("cache load") < shown.stderr.index("time to first token")  # above the first table
+    assert "cache load" not in shown.stdout and "time to first token" not in shown.stdout  # stdout: answers only
+
+    assert piped.returncode == 0, piped.stderr
+    answers = [json.loads(line) for line in piped.stdout.splitlines()]  # one line per answer, nothing else
+    assert [a["question"] for a in answers] == THREE_QUESTIONS
+    first, *later = (a["stats"] for a in answers)
+    assert STATS_KEYS <= first.keys() and all(STATS_KEYS <= stats.keys() for stats in later)
+    assert isinstance(first["load_s"], float) and isinstance(first["cache_load_s"], float)  # waited for both
+    assert [(s["load_s"], s["cache_load_s"]) for s in later] == [(None, None)] * 2  # reused them
+    for stats in (first, *later):
+        assert isinstance(stats["ttft_s"], float) and isinstance(stats["prefill_s"], float)
+        assert stats["new_tokens"] == MAX_NEW
+        assert stats["context_tokens"] > summary["context_tokens"]  # the cached context plus its own question
+    assert piped.stderr.count("cache load") == 1 and piped.stderr.count("time to first token") == 3
 
 
 def test_query_budget_re_selects(built):

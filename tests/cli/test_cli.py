@@ -72,6 +72,8 @@ def test_answer_on_stdout_stats_table_on_stderr(ask, doc):
     for row in ("prefill", "time to first token", "decode", "context tokens", "KV cache"):
         assert row in result.stderr
         assert row not in result.stdout
+    assert result.stderr.count("model load") == 1  # its line, above the table; no cache was loaded
+    assert "cache load" not in result.stderr
 
 
 def test_json_is_one_line_with_the_stable_schema(ask, doc, tiny_model_folder):

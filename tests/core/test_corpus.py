@@ -59,6 +59,7 @@ def test_each_answers_each_document_alone_as_ask_would(docs, model):
         alone = lines(ask(doc, QUESTION, "--json", model=model))[0]
         assert answer["answer"] == alone["answer"]
         assert answer["documents"] == alone["documents"]
+    assert [a["stats"]["load_s"] is not None for a in answers] == [True, False, False]  # the model loaded once
 
 
 def test_each_human_output_names_each_document_then_its_answer_and_sums_up(docs, model):
@@ -186,6 +187,10 @@ def test_cache_ask_with_a_questions_file_gives_a_line_per_cache_and_question(doc
         (f, q) for f in files for q in (QUESTION, "Who designed the tower?")
     ]
     assert ["error" in r for r in records] == [False, False, True, True, False, False]
+    loads = [(r["stats"]["load_s"], r["stats"]["cache_load_s"]) for r in records if "error" not in r]
+    assert [(a is not None, b is not None) for a, b in loads] == [  # each load on the first answer that waited
+        (True, True), (False, False), (False, True), (False, False),  # for it: the model once, each cache once
+    ]  # fmt: skip
 
 
 def test_cache_ask_without_a_question_is_one_line(docs, model):

@@ -60,6 +60,26 @@ def test_cache_build_query_and_info_through_the_server(server, model, allowed, t
     assert json_lines(info_there) == json_lines(info_here)
 
 
+def test_cache_query_through_the_server_reports_only_the_loads_it_did(server, model, allowed, token_env):
+    output = allowed / "loads.fkv"  # a file of its own: not in the server's memory yet
+    assert fastkv("cache", "build", allowed / "doc.txt", "-o", output, "--model", model, "--force").exit_code == 0
+    questions = [QUESTION, "Who designed the tower?", "When?"]
+    query = ["cache", "query", output, *questions, "--max-new-tokens", MAX_NEW, "--server", server.url]
+
+    first = fastkv(*query, "--json")  # the server reads the file for the first question, then keeps it
+    again = fastkv(*query)  # in the server's memory now: nothing to load
+
+    stats = [answer["stats"] for answer in json_lines(first)]
+    assert [s["load_s"] for s in stats] == [None] * 3  # the server loaded its model before any request
+    assert isinstance(stats[0]["cache_load_s"], float) and [s["cache_load_s"] for s in stats[1:]] == [None] * 2
+    assert all(isinstance(s["ttft_s"], float) for s in stats)  # each answer's own
+    assert first.stderr.count("cache load") == 1 and "model load" not in first.stderr
+    assert first.stderr.count("time to first token") == 3
+    assert again.exit_code == 0, again.output
+    assert "cache load" not in again.stderr and "model load" not in again.stderr
+    assert again.stderr.count("time to first token") == 3
+
+
 def test_client_imports_no_torch(server, model, allowed):
     """A fresh client process answers through the server without importing torch, transformers or the engine."""
     output = allowed / "client.fkv"
