@@ -79,6 +79,7 @@ def plan(
     variants = [REFERENCE]
     for mode in modes:
         usable = [m for m in methods if m != "fullkv" and not (mode != "ask" and METHODS[m].restarts)]
+        usable = [m for m in usable if mode != "query-aware" or METHODS[m].selects_by_question]
         usable = [m for m in usable if mode != "query-aware" or METHODS[m].propagates]  # it pauses at TSP
         usable = ["fullkv"] if mode == "every-token" else usable
         stored = [None] if mode == "ask" else dtypes

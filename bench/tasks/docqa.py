@@ -8,21 +8,26 @@ from pathlib import Path
 from common import ROOT
 
 from core.documents import read_document
-from tasks import Item, half_of
+from tasks import HALVES, Item, half_of
 
 DATA = Path(__file__).with_name("docqa.jsonl")
+# Documents no setting was chosen on (bench/texts/fresh/): held out whole, so a claim made on them is split
+# by document, not by question; every question of DATA's documents is then tuning data.
+FRESH = Path(__file__).with_name("docqa-fresh.jsonl")
 
 
-def questions() -> list[dict]:
+def questions(data: Path = DATA) -> list[dict]:
     """The data file's rows: {"document": path from the repository root, "question", "answers": [spans]}."""
-    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def items() -> list[Item]:
-    """Every question, taking one per document in turn (shortest document first), so a --limit spans them."""
+def items(data: Path = DATA) -> list[Item]:
+    """Every question, taking one per document in turn (shortest document first), so a --limit spans them.
+    DATA's halves alternate within each document's list; FRESH's questions are all held out."""
     by_document: dict[str, list[dict]] = {}
-    for row in questions():
-        row["half"] = half_of(len(by_document.get(row["document"], [])))  # alternate within each document's list
+    for row in questions(data):
+        index = len(by_document.get(row["document"], []))
+        row["half"] = HALVES[1] if data == FRESH else half_of(index)
         by_document.setdefault(row["document"], []).append(row)
     documents = {path: replace(read_document(str(ROOT / path)), name=path) for path in by_document}
     order = sorted(by_document, key=lambda path: len(documents[path].text))

@@ -6,7 +6,9 @@ propagate, never on how many tokens enter the cache. So:
 - fullkv, snapkv, adakv and streamingllm (an exact prefill, then per-layer selection) replay one full
   prefill; gemfilter replays it up to its filter layer, then prefills the chosen tokens again;
 - fastkv at every budget up to its tsp_rate, uniform or head-adaptive, replays one fastkv prefill (what
-  propagates depends on tsp_layer and tsp_rate, and on the budget only where that is larger).
+  propagates depends on tsp_layer and tsp_rate, and on the budget only where that is larger);
+- kvzip without TSP, at every budget, uniform, adaptive or global, replays one prefill that ran the
+  reconstruction probes through every layer and recorded their scores.
 
 A recording caches every token each layer saw and keeps each layer's last `window` queries; a
 replay calls the method's own `select` on them, layer by layer, against the recorded keys, exactly
@@ -46,10 +48,24 @@ class Recorder(Method):
     window: int = 8  # at least the scoring window of every method replayed
     windows: list[Tensor] = field(default_factory=list, repr=False)  # per layer [heads, window, head_dim]
     finished_at: list[float] = field(default_factory=list, repr=False)  # per layer, time.perf_counter()
+    scores: list[Tensor] = field(default_factory=list, repr=False)  # per layer, the probes' (kvzip's inner)
+
+    @property
+    def reconstructs(self) -> bool:  # the engine makes probes for the inner method's recording
+        return self.inner.reconstructs
+
+    @property
+    def chunk(self) -> int:
+        return self.inner.chunk
+
+    def reconstruction_depth(self, context_len: int, num_layers: int) -> int:
+        return self.inner.reconstruction_depth(context_len, num_layers)
 
     def select(self, layer: LayerInput) -> Selection:
         self.finished_at.append(time.perf_counter())
         self.windows.append(layer.q[:, -self.window :].clone())
+        if layer.reconstruction is not None:
+            self.scores.append(layer.reconstruction)
         return Selection(propagate=self.inner.select(layer).propagate)
 
 
@@ -65,12 +81,15 @@ class Recording:
     layer_tokens: list[int] = field(default_factory=list)
     ids: Tensor | None = None  # [L] the prompt, for a method that prefills a subset again; None for a build
     layer_s: list[float] = field(default_factory=list)  # with ids: seconds to the end of each layer
+    scores: list[Tensor] | None = None  # per layer, the reconstruction probes' scores (a kvzip recording)
 
 
 def propagates_alike(method: Method, inner: Method, context_len: int) -> bool:
     """Whether `method` sends the same tokens to deeper layers as `inner` on a prompt of `context_len`
     tokens (only then is a replay exact). For fastkv the budget matters only where it is larger than
     tsp_rate: then it is what propagates; how the cache's budget is shared across heads never does."""
+    if method.reconstructs and not inner.reconstructs:
+        return False  # kvzip replays only a recording that holds its probes' scores
     if not method.propagates:
         return not inner.propagates
     if type(method) is not type(inner):
@@ -98,7 +117,8 @@ def record_build(
     """engine.build(documents) propagating like `inner`, recorded: the saved context and its recording."""
     recorder = Recorder(inner, window)
     saved = engine.build(documents, BuildPlan(recorder), reserved=reserved)
-    return saved, Recording(inner, saved.cache, recorder.windows, saved.stats.prefill_s)
+    scores = recorder.scores or None
+    return saved, Recording(inner, saved.cache, recorder.windows, saved.stats.prefill_s, scores=scores)
 
 
 def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefill, float]:
@@ -109,9 +129,11 @@ def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefil
     if getattr(method, "scoring_window", 0) > recording.windows[0].shape[1]:
         raise ValueError(f"{method} scores with more queries than the recording kept")
     cache, start = recording.cache, time.perf_counter()
-    layers = []
-    for i, (layer, q) in enumerate(zip(cache.layers, recording.windows, strict=True)):
-        selection = method.select(LayerInput(i, len(cache.layers), cache.seq_len, q, layer.keys, layer.valid))
+    layers, deferred = [], []
+    scores = recording.scores or [None] * len(cache.layers)
+    for i, (layer, q, reconstruction) in enumerate(zip(cache.layers, recording.windows, scores, strict=True)):
+        context = LayerInput(i, len(cache.layers), cache.seq_len, q, layer.keys, layer.valid, reconstruction)
+        selection = method.select(context)
         if selection.restart is not None:  # gemfilter: the same call the runner makes
             if recording.ids is None:
                 raise ValueError(f"{method.name} prefills again, which a saved context cannot")
@@ -119,6 +141,11 @@ def replay(runner: Runner, recording: Recording, method: Method) -> tuple[Prefil
             restarted.layer_tokens = recording.layer_tokens[: i + 1] + restarted.layer_tokens
             return restarted, recording.layer_s[i] + time.perf_counter() - start
         layers.append(layer if selection.keep is None else layer.select(selection.keep))
+        if selection.deferred is not None:
+            deferred.append(selection.deferred)
+    if deferred:  # the same selection over every layer the runner makes at the end
+        keeps = method.select_deferred(deferred, cache.seq_len)
+        layers = [layer.select(keep) for layer, keep in zip(layers, keeps, strict=True)]
     prefill = Prefill(KVCache(layers, cache.seq_len), recording.logits, recording.layer_tokens)
     return prefill, recording.seconds + time.perf_counter() - start
 

@@ -332,6 +332,26 @@ def test_replayed_build_equals_engine_build(engine, tiny_items):
             assert getattr(saved.manifest, key) == getattr(built.manifest, key)
 
 
+@pytest.mark.parametrize("head_budget", ["uniform", "adaptive", "global"])
+def test_kvzip_replayed_from_one_recording_equals_engine_build_at_every_budget(engine, tiny_items, head_budget):
+    documents = [tiny_items[0].document]
+    saved, recording = record_build(engine, documents, make_method("kvzip", budget="100%"), reserved=64)
+    assert recording.scores is not None and len(recording.scores) == len(recording.cache.layers)
+    for budget in ["20%", "50%"]:
+        method = BuildPlan(make_method("kvzip", budget=budget, head_budget=head_budget)).method
+        replayed = replay_build(engine.runner, saved, recording, method, None)
+        built = engine.build(documents, BuildPlan(method), reserved=64)
+        assert_same_cache(replayed.cache, built.cache)
+        assert replayed.manifest.method == built.manifest.method
+
+
+def test_kvzip_is_not_replayed_from_a_recording_without_probe_scores(engine, tiny_items):
+    documents = [tiny_items[0].document]
+    saved, recording = record_build(engine, documents, make_method("fullkv"), reserved=64)
+    with pytest.raises(ValueError, match="propagate"):
+        replay_build(engine.runner, saved, recording, BuildPlan(make_method("kvzip")).method, None)
+
+
 # --- a tiny real run --------------------------------------------------------------------------------
 
 
