@@ -2,7 +2,7 @@
 answers it keeps on document QA, asked as `cache query` asks them.
 
 python bench/frontier.py [--set tuning|held-out] [--budgets 20% 30% 50%] [--tsp-rate 50%] [--query-aware]
-    [--limit N] [--model M] [--tag T] [--no-write] [--resume | --from-raw]
+    [--limit N] [--documents N] [--model M] [--tag T] [--no-write] [--resume | --from-raw]
 
 Sets: `tuning` is the tuning half of bench/tasks/docqa.jsonl (documents settings were chosen on before);
 `held-out` every question of bench/tasks/docqa-fresh.jsonl, documents no setting has seen (split by document).
@@ -193,6 +193,9 @@ def table(found: list[Row]) -> Table:
 
 
 def verdict(found: list[Row]) -> str:
+    """The rule, over the variants asked every question fullkv was (a resumed run may have asked fewer)."""
+    asked = max(row.questions for row in found)
+    found = [row for row in found if row.questions == asked]
     passing = [row for row in found if row.meets_answers and row.variant != REFERENCE]
     if not passing:
         closest = max(found, key=lambda row: (row.variant != REFERENCE, row.same))
@@ -222,6 +225,7 @@ def main() -> None:
     parser.add_argument("--tsp-rate", default="50%")
     parser.add_argument("--query-aware", action="store_true")
     parser.add_argument("--limit", type=int, help="at most this many questions")
+    parser.add_argument("--documents", type=int, help="only the questions of this many documents, shortest first")
     parser.add_argument("--model")
     parser.add_argument("--tag", type=tag)
     parser.add_argument("--no-write", action="store_true")
@@ -230,7 +234,8 @@ def main() -> None:
     args = parser.parse_args()
     items = docqa.items() if args.set == "tuning" else docqa.items(docqa.FRESH)
     items = [item for item in items if item.half == ("tuning" if args.set == "tuning" else "held-out")]
-    items = items[: args.limit] if args.limit else items
+    shortest = list(dict.fromkeys(item.group for item in items))[: args.documents]
+    items = [item for item in items if item.group in shortest][: args.limit]
     name = f"frontier-{args.set}" + (f"-{args.tag}" if args.tag else "")
     report = Report.of(name, f"Saved-cache frontier, {args.set} set", args.model)
     answers_file = report.plot.with_suffix(".answers.json")
@@ -261,7 +266,9 @@ def main() -> None:
     rule = f"{verdict(found)}." if args.set == "tuning" else "Held-out: reported, nothing chosen on it."
     body = "\n".join([result.markdown(), "", rule, "", f"![frontier]({link(report.plot)})"])
     device = engine.loaded.device if engine else torch.device("cpu")
-    reduced = reduced_run(budgets=(args.budgets, ["20%", "30%", "50%"]), limit=(args.limit, None))
+    reduced = reduced_run(
+        budgets=(args.budgets, ["20%", "30%", "50%"]), limit=(args.limit, None), documents=(args.documents, None)
+    )
     write_section(report.section, report.heading, body, device, reduced, raw=[asdict(r) for r in found])
 
 

@@ -4,15 +4,16 @@ CLI, the server and corpus runs hand the engine."""
 from dataclasses import dataclass, field
 
 from core.errors import InputError
-from core.methods import DEFAULT_METHOD, Budget, Method, make_method
+from core.methods import BUILD_METHOD, DEFAULT_METHOD, Budget, Method, make_method
 from core.storage import QUERY_AWARE, QUESTION_BLIND, TWO_STAGE, check_cache_dtype, storage_for
 
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """--method and its parameters as given; None leaves a parameter at the method's default."""
+    """--method and its parameters as given; None leaves a parameter at the method's default, and the method at
+    the command's (`ask`'s DEFAULT_METHOD; `cache build`'s, BuildOptions.resolve)."""
 
-    name: str = DEFAULT_METHOD
+    name: str | None = None
     budget: str | None = None
     tsp_layer: int | None = None
     tsp_rate: str | None = None
@@ -21,9 +22,9 @@ class MethodOptions:
     filter_layer: int | None = None
     head_budget: str | None = None
 
-    def make(self) -> Method:
+    def make(self, default: str = DEFAULT_METHOD) -> Method:
         parameters = {key: value for key, value in vars(self).items() if key != "name"}
-        return make_method(self.name, **parameters)
+        return make_method(self.name or default, **parameters)
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,14 @@ class BuildOptions:
     ignore_memory: bool = False
 
     def resolve(self) -> "BuildPlan":
+        """The plan, checked. Unsaid, the method is BUILD_METHOD (kvzip: selected once, for every question),
+        or fastkv for a kind that selects by each question or steering questions (--query-aware, --query-budget,
+        --questions)."""
         query_budget = None if self.query_budget is None else Budget.parse(self.query_budget, "--query-budget")
+        by_question = self.query_aware or query_budget is not None or self.questions
+        method = self.method.make(DEFAULT_METHOD if by_question else BUILD_METHOD)
         return BuildPlan.of(
-            self.method.make(), query_budget, self.questions, self.query_aware, self.cache_dtype, self.truncate,
+            method, query_budget, self.questions, self.query_aware, self.cache_dtype, self.truncate,
             self.ignore_memory,
         )  # fmt: skip
 

@@ -258,10 +258,10 @@ def cache_build(
         bool | None,
         typer.Option(
             "--query-aware/--question-blind",
-            help="--query-aware (the default wherever the method has a TSP layer and neither --query-budget nor "
-            "--questions is given): pause the prefill at fastkv's TSP layer, caching every token up to there; each "
-            "question resumes it, so answers equal `ask` at --budget. --question-blind: select once, without the "
-            "question: a far smaller file and a faster query that may lose answers.",
+            help="--question-blind (the default, with kvzip): select once, without the question, for every later "
+            "question: a small file and a fast query. --query-aware (fastkv): pause the prefill at fastkv's TSP "
+            "layer, caching every token up to there; each question resumes it, so answers equal `ask` at --budget, "
+            "at the cost of half a prefill per question and a larger file.",
             show_default=False,
         ),
     ] = None,
@@ -281,8 +281,8 @@ def cache_build(
 
     \b
     Examples:
-      fastkv cache build report.pdf -o report.fkv     # queries answer as `ask`
-      fastkv cache build report.pdf -o small.fkv --question-blind --budget 10%
+      fastkv cache build report.pdf -o report.fkv     # kvzip: selected once for every question
+      fastkv cache build report.pdf -o asked.fkv --query-aware     # each question selects, as `ask`
       fastkv cache build library/*.pdf --each -o caches/
     """
     from core.options import BuildOptions

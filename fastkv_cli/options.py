@@ -33,8 +33,13 @@ Truncate = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer on stdout, nothing else there.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
 MethodName = Annotated[
-    str,
-    typer.Option("--method", help="fastkv, fullkv, snapkv, adakv, streamingllm, gemfilter or kvzip (saved caches)."),
+    str | None,
+    typer.Option(
+        "--method",
+        help="fastkv, fullkv, snapkv, adakv, streamingllm, gemfilter or kvzip (saved caches) [default: fastkv for "
+        "ask; kvzip for cache build, fastkv with --query-aware, --query-budget or --questions].",
+        show_default=False,
+    ),
 ]
 Budget = Annotated[
     str | None,
@@ -182,7 +187,7 @@ def ray_choice(ray: str | None, ray_workers: int | None, ray_gpus_per_worker: fl
 
 
 SELECTION = {
-    "method": (MethodName, "fastkv"),
+    "method": (MethodName, None),
     "budget": (Budget, None),
     "tsp_layer": (TspLayer, None),
     "tsp_rate": (TspRate, None),

@@ -11,9 +11,20 @@ from core.methods.snapkv import SnapKV
 from core.methods.streamingllm import StreamingLLM
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FastKV, FullKV, SnapKV, AdaKV, StreamingLLM, GemFilter, KVzip)}
-DEFAULT_METHOD = "fastkv"
+DEFAULT_METHOD = "fastkv"  # `ask`'s, and a saved cache's that each question selects from
+BUILD_METHOD = "kvzip"  # `cache build`'s, selecting once for every later question (docs/benchmarks.md, frontier)
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "Budget", "LayerInput", "Method", "PauseAfter", "Selection", "make_method"]
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "BUILD_METHOD",
+    "Budget",
+    "LayerInput",
+    "Method",
+    "PauseAfter",
+    "Selection",
+    "make_method",
+]
 
 
 def make_method(name: str, **parameters) -> Method:

@@ -29,7 +29,6 @@ HEAD_BUDGETS = ("uniform", "adaptive", "global")
 @dataclass
 class KVzip(ScoredMethod):
     name: ClassVar[str] = "kvzip"
-    propagates: ClassVar[bool] = True  # with a tsp_rate
     selects_by_question: ClassVar[bool] = False
     reconstructs: ClassVar[bool] = True
     budget: Budget = field(default_factory=lambda: Budget(0.5, proportional=True))
@@ -48,6 +47,10 @@ class KVzip(ScoredMethod):
             raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
         if self.chunk < 1:
             raise InputError(f"the reconstruction chunk must be at least 1 token, got {self.chunk}")
+
+    @property
+    def propagates(self) -> bool:  # deeper layers run on fewer tokens only with a tsp_rate
+        return self.tsp_rate is not None
 
     def tsp_layer_for(self, num_layers: int) -> int | None:
         if self.tsp_rate is None:

@@ -3,7 +3,6 @@
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.generation import Decoding, Sampling
-from core.methods import DEFAULT_METHOD
 from core.options import BuildOptions, MethodOptions
 
 
@@ -40,15 +39,16 @@ class DecodingIn(ModelChoice):
 
 
 class MethodIn(Body):
-    method: str = DEFAULT_METHOD
+    method: str | None = None  # None: the command's default, as the CLI's
     budget: str | None = None
     tsp_layer: int | None = None
     tsp_rate: str | None = None
     pooling: str | None = None
     window: int | None = None
+    head_budget: str | None = None
 
     def method_options(self) -> MethodOptions:
-        fields = ("budget", "tsp_layer", "tsp_rate", "pooling", "window", "filter_layer")
+        fields = ("budget", "tsp_layer", "tsp_rate", "pooling", "window", "head_budget", "filter_layer")
         return MethodOptions(self.method, **{key: getattr(self, key, None) for key in fields})
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from core.methods import make_method
 from core.storage import load_cache, read_manifest
 from tests.helpers import assert_one_line_error, fastkv
 from tests.json_schema import SCHEMA, STATS_KEYS
@@ -64,11 +65,12 @@ def query(cache: Path, *args, model: Path | None = None, input: str | None = Non
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, documents, model) -> tuple[Path, dict]:
-    """One question-blind cache built through the CLI, with the JSON summary its build printed."""
+    """One question-blind fastkv cache built through the CLI, with the JSON summary its build printed."""
     path = tmp_path_factory.mktemp("built") / "logbook.fkv"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(documents[0].parent)  # a document's name is in the prompt: keep tmp paths out of it
-        result = build(DOC_NAMES, path, model, "--budget", "50%", "--question-blind", "--json", "--quiet")
+        options = ["--method", "fastkv", "--budget", "50%", "--question-blind", "--json", "--quiet"]
+        result = build(DOC_NAMES, path, model, *options)
     assert result.exit_code == 0, result.output
     return path, json.loads(result.stdout)
 
@@ -95,6 +97,18 @@ def test_build_writes_a_loadable_cache(built, model):
     assert [(d.name, d.pages) for d in manifest.documents] == [(DOC_NAMES[0], 2), (DOC_NAMES[1], 1)]
     assert manifest.documents[1].sha256 == hashlib.sha256(NOTES.encode()).hexdigest()
     assert cache.seq_len == manifest.context_tokens == summary["context_tokens"]
+
+
+def test_the_default_build_is_kvzip_selected_once_and_stored_in_int6(tmp_path, documents, model):
+    path = tmp_path / "default.fkv"
+
+    result = build(documents, path, model, "--json", "--quiet")
+
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(path)
+    assert json.loads(result.stdout)["kind"] == "question-blind" and manifest.paused_layer is None
+    assert manifest.method.name == "kvzip" and manifest.method.parameters == make_method("kvzip", window=8).parameters()
+    assert manifest.storage.dtype == "int6"
 
 
 def test_build_again_needs_force(tmp_path, documents, model):
@@ -378,15 +392,16 @@ def test_a_query_aware_cache_answers_as_ask_does(documents, model, tmp_path):
 @pytest.mark.parametrize(
     ("options", "query_aware"),
     [
-        ([], True),  # the default: ask's answers
-        (["--question-blind"], False),
+        ([], False),  # the default: kvzip, selected once for every question
+        (["--method", "fastkv"], True),  # fastkv's TSP layer: each question resumes, answering as ask
+        (["--method", "fastkv", "--question-blind"], False),
         (["--method", "snapkv"], False),  # no TSP layer to pause at
         (["--method", "kvzip", "--tsp-rate", "50%"], False),  # selects without the question
         (["--budget", "60%", "--query-budget", "20%"], False),  # each question re-selects instead
         (["--query-aware", "--question-blind"], False),  # the last flag wins, as for every flag pair
     ],
 )
-def test_build_is_query_aware_wherever_it_can_be(documents, model, tmp_path, options, query_aware):
+def test_which_builds_are_query_aware(documents, model, tmp_path, options, query_aware):
     path = tmp_path / "c.fkv"
 
     result = build(documents, path, model, *options, "--json", "--quiet")
