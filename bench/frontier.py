@@ -1,7 +1,8 @@
 """The saved-cache frontier: each kind of cache `cache build` writes, at each budget and storage, against the
 answers it keeps on document QA, asked as `cache query` asks them.
 
-python bench/frontier.py [--set tuning|held-out] [--budgets 20% 30% 50%] [--tsp-rate 50%] [--query-aware]
+python bench/frontier.py [--set tuning|held-out] [--budgets 20% 30% 50%] [--head-budgets uniform global]
+    [--storages int6] [--tsp-rate 50%] [--query-aware]
     [--limit N] [--documents N] [--model M] [--tag T] [--no-write] [--resume | --from-raw]
 
 Sets: `tuning` is the tuning half of bench/tasks/docqa.jsonl (documents settings were chosen on before);
@@ -9,7 +10,7 @@ Sets: `tuning` is the tuning half of bench/tasks/docqa.jsonl (documents settings
 
 Kinds, each saved in its storage and read back as `cache query` reads it:
 - fullkv: every token, float16 (the reference every answer is compared with) and int4;
-- kvzip: reconstruction-scored (core/methods/kvzip.py), uniform and global budgets, int6, each budget replayed
+- kvzip: reconstruction-scored (core/methods/kvzip.py), uniform and global budgets, int6 (--storages), each budget replayed
   exactly from one prefill that ran the probes through every layer and recorded their scores (bench/tasks/replay.py);
 - kvzip + TSP: the same scores also choose the --tsp-rate tokens the deeper layers run on, replayed from one
   such prefill for every budget up to the rate;
@@ -21,7 +22,7 @@ right answers kept (and lost per 25 questions), and the same answer as fullkv. O
 verdict of the default's rule, fixed before any run: among the variants whose answers equal fullkv's on at least
 85% of the questions and lose at most one of fullkv's right answers per 25 questions, the smallest file (query
 speed is bench/cache.py's to show). Answers are saved after each document (docs/results/, beside the plot):
-`--resume` goes on with the documents a stopped run left, `--from-raw` renders them.
+`--resume` asks only the documents and variants a stopped run left, `--from-raw` renders them.
 """
 
 import argparse
@@ -41,6 +42,7 @@ from tasks.scoring import contains_answer
 from core.engine import Engine
 from core.generation import Decoding
 from core.methods import Budget, make_method
+from core.methods.kvzip import HEAD_BUDGETS
 from core.options import BuildPlan
 from core.saved import SavedContext, fullkv_file_bytes
 from core.storage import save_cache
@@ -67,11 +69,14 @@ class Variant:
 REFERENCE = Variant("fullkv", None, None, "float16")
 
 
-def variants(budgets: list[str], tsp_rate: str, query_aware: bool) -> list[Variant]:
+def variants(
+    budgets: list[str], head_budgets: list[str], storages: list[str], tsp_rate: str, query_aware: bool
+) -> list[Variant]:
     found = [REFERENCE, Variant("fullkv", None, None, "int4")]
-    found += [Variant("kvzip", b, h, "int6") for h in ("uniform", "global") for b in budgets]
-    within = [b for b in budgets if Budget.parse(b).tokens(10**6) <= Budget.parse(tsp_rate).tokens(10**6)]
-    found += [Variant(f"kvzip + TSP {tsp_rate}", b, h, "int6") for h in ("uniform", "global") for b in within]
+    found += [Variant("kvzip", b, h, s) for h in head_budgets for b in budgets for s in storages]
+    rate = 0 if tsp_rate == "none" else Budget.parse(tsp_rate).tokens(10**6)
+    within = [b for b in budgets if Budget.parse(b).tokens(10**6) <= rate]
+    found += [Variant(f"kvzip + TSP {tsp_rate}", b, h, s) for h in head_budgets for b in within for s in storages]
     found.append(Variant("question-blind", "30%,2048", None, "int6"))
     if query_aware:
         found.append(Variant("query-aware", "30%,2048", None, "coded"))
@@ -167,15 +172,17 @@ def rows(records: list[dict]) -> list[Row]:
     by_variant: dict[Variant, list[dict]] = {}
     for record in records:
         by_variant.setdefault(Variant(**record["variant"]), []).append(record)
-    fullkv_right = {r["question"] for r in by_variant.get(REFERENCE, []) if r["right"]}
+    fullkv_right = {(r["document"], r["question"]) for r in by_variant.get(REFERENCE, []) if r["right"]}
     found = []
     for variant, answers in by_variant.items():
         shares = {r["document"]: r["file_share"] for r in answers}
         builds = {r["document"]: r["build_s"] for r in answers}
+        asked = [(r["document"], r["question"]) in fullkv_right for r in answers]  # fullkv's right, of these
         found.append(Row(
             variant, len(answers), sum(r["right"] for r in answers),
-            sum(r["right"] for r in answers if r["question"] in fullkv_right), sum(r["same_as_fullkv"] for r in answers),
-            sum(shares.values()) / len(shares), sum(builds.values()), len(fullkv_right),
+            sum(r["right"] for r, right in zip(answers, asked, strict=True) if right),
+            sum(r["same_as_fullkv"] for r in answers), sum(shares.values()) / len(shares), sum(builds.values()),
+            sum(asked),
         ))  # fmt: skip
     return found
 
@@ -222,7 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", choices=SETS, default="tuning")
     parser.add_argument("--budgets", nargs="+", default=["20%", "30%", "50%"])
-    parser.add_argument("--tsp-rate", default="50%")
+    parser.add_argument("--head-budgets", nargs="+", choices=HEAD_BUDGETS, default=["uniform", "global"])
+    parser.add_argument("--storages", nargs="+", default=["int6"], help="kvzip's storages")
+    parser.add_argument("--tsp-rate", default="50%", help="what kvzip + TSP propagates ('none': no TSP variants)")
     parser.add_argument("--query-aware", action="store_true")
     parser.add_argument("--limit", type=int, help="at most this many questions")
     parser.add_argument("--documents", type=int, help="only the questions of this many documents, shortest first")
@@ -244,16 +253,19 @@ def main() -> None:
     engine = None
     if not args.from_raw:
         engine = Engine.load(args.model, None, None)
-        chosen = variants(args.budgets, args.tsp_rate, args.query_aware)
-        done = {r["document"] for r in records}
+        chosen = variants(args.budgets, args.head_budgets, args.storages, args.tsp_rate, args.query_aware)
+        done = {(r["document"], Variant(**r["variant"])) for r in records}
         by_document: dict[str, list[Item]] = {}
         for item in items:
             by_document.setdefault(item.group, []).append(item)
         for document, group in by_document.items():
-            if document in done:
+            left = [variant for variant in chosen if (document, variant) not in done]
+            if not left:
                 continue
-            console.print(f"{document}: {len(group)} questions × {len(chosen)} caches")
-            records += run_document(engine, group, chosen, args.tsp_rate, console)
+            left = left if REFERENCE in left else [REFERENCE, *left]  # each answer is compared with fullkv's
+            console.print(f"{document}: {len(group)} questions × {len(left)} caches")
+            fresh = run_document(engine, group, left, args.tsp_rate, console)
+            records += [r for r in fresh if (document, Variant(**r["variant"])) not in done]
             if not args.no_write:
                 write_atomic(answers_file, json.dumps(records, indent=1))
     found = rows(records)
@@ -267,8 +279,9 @@ def main() -> None:
     body = "\n".join([result.markdown(), "", rule, "", f"![frontier]({link(report.plot)})"])
     device = engine.loaded.device if engine else torch.device("cpu")
     reduced = reduced_run(
-        budgets=(args.budgets, ["20%", "30%", "50%"]), limit=(args.limit, None), documents=(args.documents, None)
-    )
+        budgets=(args.budgets, ["20%", "30%", "50%"]), head_budgets=(args.head_budgets, ["uniform", "global"]),
+        limit=(args.limit, None), documents=(args.documents, None),
+    )  # fmt: skip
     write_section(report.section, report.heading, body, device, reduced, raw=[asdict(r) for r in found])
 
 

@@ -281,8 +281,8 @@ def cache_build(
 
     \b
     Examples:
-      fastkv cache build report.pdf -o report.fkv     # kvzip: selected once for every question
-      fastkv cache build report.pdf -o asked.fkv --query-aware     # each question selects, as `ask`
+      fastkv cache build report.pdf -o report.fkv     # selected once (kvzip)
+      fastkv cache build report.pdf -o asked.fkv --query-aware  # as `ask`
       fastkv cache build library/*.pdf --each -o caches/
     """
     from core.options import BuildOptions

@@ -45,7 +45,7 @@ Budget = Annotated[
     str | None,
     typer.Option(
         help="Tokens cached per layer: a share of the context (10%), a count (1024), or a share with a floor "
-        "(30%,2048: whichever is more) [default: 30%,2048 for fastkv, 50% for kvzip, 10% otherwise]."
+        "(30%,2048: whichever is more) [default: 30%,2048 for fastkv, 60% for kvzip, 10% otherwise]."
     ),
 ]
 TspLayer = Annotated[
@@ -70,8 +70,8 @@ Window = Annotated[
 HeadBudget = Annotated[
     str | None,
     typer.Option(
-        help="kvzip: uniform (every layer and KV head keeps the budget), adaptive (a layer's budget shared by its "
-        "heads by score) or global (one budget over the whole cache) [default: uniform]."
+        help="kvzip: global (one budget over the whole cache), adaptive (a layer's budget shared by its heads by "
+        "score) or uniform (every layer and KV head keeps the budget) [default: global]."
     ),
 ]
 FilterLayer = Annotated[

@@ -432,7 +432,7 @@ def test_a_kvzip_cache_at_every_token_answers_as_fullkv_and_at_half_keeps_half(d
     for name, options in {
         "fullkv": ["--method", "fullkv"],
         "kvzip-all": ["--method", "kvzip", "--budget", "100%"],
-        "kvzip-half": ["--method", "kvzip", "--budget", "50%", "--window", "4"],
+        "kvzip-half": ["--method", "kvzip", "--budget", "50%", "--window", "4", "--head-budget", "uniform"],
     }.items():
         path = tmp_path / f"{name}.fkv"
         built = build(documents, path, model, *options, "--json", "--quiet")

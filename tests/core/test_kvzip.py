@@ -149,7 +149,7 @@ def test_uniform_budget_keeps_each_heads_best_scored_tokens(tiny_model):
     recorder = ScoreRecorder(budget="100%")
     runner.prefill(ids, recorder, probes=[probe])
 
-    cache = runner.prefill(ids, KVzip(budget=20, window=4), probes=[probe]).cache
+    cache = runner.prefill(ids, KVzip(budget=20, window=4, head_budget="uniform"), probes=[probe]).cache
 
     for layer, scores in zip(cache.layers, recorder.seen, strict=True):
         assert layer.length == 20
@@ -188,13 +188,14 @@ def test_global_budget_keeps_the_caches_best_pairs_within_each_heads_floor(tiny_
 def test_tsp_runs_deeper_layers_and_the_probes_on_the_selected_tokens(tiny_model):
     layers = tiny_model.config.num_hidden_layers
     ids = random_ids(64, tiny_model.config.vocab_size, seed=7)
-    method = KVzip(budget=16, tsp_rate=24, tsp_layer=0, window=4)
+    method = KVzip(budget=16, tsp_rate=24, tsp_layer=0, window=4, head_budget="uniform")
 
     prefill = Runner(tiny_model).prefill(ids, method, probes=[repeat_probe(ids, [3])])
 
     assert prefill.layer_tokens == [64] + [24] * (layers - 1)
     assert method.reconstruction_depth(64, layers) == layers  # deeper layers still choose 16 of 24
-    assert KVzip(budget=24, tsp_rate=24, tsp_layer=0).reconstruction_depth(64, layers) == 1
+    assert KVzip(budget=24, tsp_rate=24, tsp_layer=0, head_budget="uniform").reconstruction_depth(64, layers) == 1
+    assert KVzip(budget=24, tsp_rate=24, tsp_layer=0).reconstruction_depth(64, layers) == layers  # global: all
     for layer in prefill.cache.layers:
         assert layer.length == 16
 
