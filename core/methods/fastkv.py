@@ -7,14 +7,14 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from core.errors import InputError
 from core.methods.base import Budget, LayerInput, check_kernel
 from core.methods.scoring import window_scores
 from core.methods.snapkv import SnapKV
+from core.methods.tsp import Propagation, check_tsp_layer
 
 
 @dataclass
-class FastKV(SnapKV):
+class FastKV(Propagation, SnapKV):
     name: ClassVar[str] = "fastkv"
     propagates: ClassVar[bool] = True
     needs_full_prefill: ClassVar[bool] = False
@@ -32,13 +32,7 @@ class FastKV(SnapKV):
         super().__post_init__()
         self.tsp_rate = Budget.parse(self.tsp_rate, "--tsp-rate")
         check_kernel(self.tsp_kernel)
-        if self.tsp_layer is not None and self.tsp_layer < 0:
-            raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
-
-    def propagated_tokens(self, context_len: int) -> int:
-        """Tokens the layers past tsp_layer run on: tsp_rate, or the budget where that is larger
-        (deeper layers can cache only what reaches them)."""
-        return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.scoring_window)
+        check_tsp_layer(self.tsp_layer)
 
     def resolved(self, context_len: int, num_layers: int) -> dict:
         propagated = min(max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len)), context_len)
@@ -51,20 +45,8 @@ class FastKV(SnapKV):
         propagated = self.propagated_tokens(context_len) + extra
         return replace(super().steered(context_len, extra), tsp_rate=Budget(propagated, proportional=False))
 
-    def tsp_layer_for(self, num_layers: int) -> int:
-        layer = num_layers // 2 - 1 if self.tsp_layer is None else self.tsp_layer
-        if layer >= num_layers:
-            raise InputError(f"--tsp-layer {layer} is past the model's last layer ({num_layers - 1})")
-        return max(layer, 0)
-
     def pause_layer(self, num_layers: int) -> int:
         return self.tsp_layer_for(num_layers)  # up to here every token runs, whatever the question
-
-    def propagated_count(self, layer: LayerInput) -> int | None:
-        if layer.index != self.tsp_layer_for(layer.num_layers):
-            return None
-        count = self.propagated_tokens(layer.context_len)
-        return count if count < layer.present else None
 
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
         if self.tsp_kernel == self.kernel:

@@ -22,13 +22,14 @@ from core.errors import InputError
 from core.kvcache import EMPTY
 from core.methods.adaptive import HEAD_FLOOR, adaptive_top_tokens, widest_head
 from core.methods.base import Budget, LayerInput, ScoredMethod, Selection, check_kernel, top_tokens
+from core.methods.tsp import Propagation, check_tsp_layer
 from core.reconstruction import CHUNK
 
 HEAD_BUDGETS = ("uniform", "adaptive", "global")
 
 
 @dataclass
-class KVzip(ScoredMethod):
+class KVzip(Propagation, ScoredMethod):
     name: ClassVar[str] = "kvzip"
     selects_by_question: ClassVar[bool] = False
     reconstructs: ClassVar[bool] = True
@@ -50,8 +51,7 @@ class KVzip(ScoredMethod):
             raise InputError(f"--head-budget must be one of {', '.join(HEAD_BUDGETS)}, got '{self.head_budget}'")
         if self.tsp_rate is not None:
             self.tsp_rate = Budget.parse(self.tsp_rate, "--tsp-rate")
-        if self.tsp_layer is not None and self.tsp_layer < 0:
-            raise InputError(f"--tsp-layer must be >= 0, got {self.tsp_layer}")
+        check_tsp_layer(self.tsp_layer)
         check_kernel(self.tsp_kernel)
         if self.chunk < 1:
             raise InputError(f"the reconstruction chunk must be at least 1 token, got {self.chunk}")
@@ -59,18 +59,6 @@ class KVzip(ScoredMethod):
     @property
     def propagates(self) -> bool:  # deeper layers run on fewer tokens only with a tsp_rate
         return self.tsp_rate is not None
-
-    def tsp_layer_for(self, num_layers: int) -> int | None:
-        if self.tsp_rate is None:
-            return None
-        layer = num_layers // 2 - 1 if self.tsp_layer is None else self.tsp_layer
-        if layer >= num_layers:
-            raise InputError(f"--tsp-layer {layer} is past the model's last layer ({num_layers - 1})")
-        return max(layer, 0)
-
-    def propagated_tokens(self, context_len: int) -> int:
-        """Tokens the layers past the TSP layer run on: tsp_rate, or the budget where that is larger."""
-        return max(self.tsp_rate.tokens(context_len), self.budget.tokens(context_len), self.scoring_window)
 
     def reconstruction_depth(self, context_len: int, num_layers: int) -> int:
         """The first layers whose scores the selection needs: past a TSP layer that propagates no more than a
@@ -104,12 +92,6 @@ class KVzip(ScoredMethod):
 
     def scores(self, layer: LayerInput) -> Tensor:
         return layer.reconstruction[:, : layer.present - self.scoring_window]
-
-    def propagated_count(self, layer: LayerInput) -> int | None:
-        if layer.index != self.tsp_layer_for(layer.num_layers):
-            return None
-        count = self.propagated_tokens(layer.context_len)
-        return count if count < layer.present else None
 
     def propagation_scores(self, layer: LayerInput, scores: Tensor) -> Tensor:
         """A token any KV head needs goes on, with its neighbours within tsp_kernel // 2."""
