@@ -27,11 +27,11 @@ speed is bench/cache.py's to show). Answers are saved after each document (docs/
 
 import argparse
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from answers.run import stored
 from common import Report, Table, link, reduced_run, tag, write_atomic, write_section
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -45,7 +45,6 @@ from core.methods import Budget, make_method
 from core.methods.kvzip import HEAD_BUDGETS
 from core.options import BuildPlan
 from core.saved import SavedContext, fullkv_file_bytes
-from core.storage import save_cache
 
 SETS = ("tuning", "held-out")
 DECODING = Decoding(max_new_tokens=24)  # the answers are short spans
@@ -81,14 +80,6 @@ def variants(
     if query_aware:
         found.append(Variant("query-aware", "30%,2048", None, "coded"))
     return found
-
-
-def stored(engine: Engine, saved: SavedContext, dtype: str) -> tuple[SavedContext, int]:
-    """`saved` as `cache query` reads it after `cache build --cache-dtype dtype`, and the file's bytes."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "c.fkv"
-        save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
-        return engine.load_saved(path), path.stat().st_size
 
 
 class Builds:
@@ -156,12 +147,11 @@ class Row:
     same: int
     file_share: float  # mean over documents
     build_s: float  # summed over documents
+    fullkv_right: int  # fullkv's right answers among the questions this variant was asked
 
     @property
     def lost_per_25(self) -> float:
         return 25 * (self.fullkv_right - self.kept) / self.questions
-
-    fullkv_right: int = 0
 
     @property
     def meets_answers(self) -> bool:

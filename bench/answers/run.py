@@ -72,7 +72,7 @@ def run_saved(
             saved = replay_build(engine.runner, *recording_for(method), method, query_budget)
         built = variant.build, saved
         if variant.dtype is not None:
-            saved = stored(engine, saved, variant.dtype)
+            saved = stored(engine, saved, variant.dtype)[0]
         for item, ref in zip(items, refs, strict=True):
             answer = engine.query(saved, item.question, decoding=settings.decoding)
             outcomes.append(outcome(item, variant, answer.text, answer.logits, saved.stats.prefill_s, ref))
@@ -80,12 +80,13 @@ def run_saved(
     return outcomes
 
 
-def stored(engine: Engine, saved: SavedContext, dtype: str) -> SavedContext:
-    """`saved` as `cache query` loads it after `cache build --cache-dtype dtype`, with the build's stats."""
+def stored(engine: Engine, saved: SavedContext, dtype: str) -> tuple[SavedContext, int]:
+    """`saved` as `cache query` loads it after `cache build --cache-dtype dtype`, with the build's stats, and the
+    file's bytes."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c.fkv"
         save_cache(path, saved.cache, saved.manifest, dtype, model=engine.runner)
-        return replace(engine.load_saved(path), stats=saved.stats)
+        return replace(engine.load_saved(path), stats=saved.stats), path.stat().st_size
 
 
 def groups(items: list[Item]) -> list[list[Item]]:
