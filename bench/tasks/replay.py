@@ -179,7 +179,8 @@ def shared_recordings(
     record: Callable[[Method], R], recording_of: Callable[[R], Recording] = lambda result: result
 ) -> Callable[[Method], R]:
     """For each method, a recording it can replay, made on first need: one per kind of propagation
-    (a full prefill for the methods that do not propagate, fastkv's own for each count it propagates)."""
+    (a full prefill for the methods that neither propagate nor reconstruct, fastkv's own for each count it
+    propagates, kvzip's probes through every layer for kvzip)."""
     made: list[R] = []
 
     def recording_for(method: Method) -> R:
@@ -187,7 +188,7 @@ def shared_recordings(
             recording = recording_of(result)
             if propagates_alike(method, recording.inner, recording.cache.seq_len):
                 return result
-        made.append(record(method if method.propagates else FullKV()))
+        made.append(record(method if method.propagates or method.reconstructs else FullKV()))
         return made[-1]
 
     return recording_for

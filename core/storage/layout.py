@@ -25,14 +25,23 @@ def is_float(name: str) -> bool:
     return not name.endswith(".positions") and name != "paused.ids"
 
 
+def stored_slots(positions: Tensor) -> Tensor | None:
+    """The slots a file stores of a layer whose heads keep different numbers of tokens ([kv_heads, n] bool, head
+    after head when flattened), or None where every slot holds a token and the layer is stored whole."""
+    kept = positions != EMPTY
+    return None if bool(kept.all()) else kept
+
+
 def float_tensors(cache: KVCache) -> dict[str, Tensor]:
     """The float tensors a file stores of `cache` through its codec: keys and values of every layer but a paused
-    prefill's layer 0 (rebuilt from the token ids, Runner.first_layer), the paused hidden states and held queries."""
+    prefill's layer 0 (rebuilt from the token ids, Runner.first_layer), the paused hidden states and held queries.
+    A layer with empty slots stores only its tokens' keys and values, [slots, head_dim], head after head."""
     floats = {}
     for i, layer in enumerate(cache.layers):
         if i or cache.paused is None:
-            floats[f"layers.{i}.keys"] = layer.keys
-            floats[f"layers.{i}.values"] = layer.values
+            kept = stored_slots(layer.positions) if layer.padded else None
+            floats[f"layers.{i}.keys"] = layer.keys if kept is None else layer.keys[kept]
+            floats[f"layers.{i}.values"] = layer.values if kept is None else layer.values[kept]
     if cache.paused is not None:
         floats["paused.hidden"] = cache.paused.hidden
         if cache.paused.queries is not None:
@@ -82,8 +91,12 @@ def float_shapes(tensors: dict[str, Tensor], manifest: Manifest) -> dict[str, tu
         positions = tensors.get(f"layers.{i}.positions")
         if positions is not None and (positions.dim() != 2 or positions.shape[0] != model.num_kv_heads):
             raise CacheFileError(f"layer {i} has tensors of the wrong shape")
-        tokens = context if positions is None else positions.shape[1]
-        shapes[f"layers.{i}.keys"] = shapes[f"layers.{i}.values"] = (model.num_kv_heads, tokens, model.head_dim)
+        kept = None if positions is None else stored_slots(positions)
+        if kept is not None:
+            shape = (int(kept.sum()), model.head_dim)
+        else:
+            shape = (model.num_kv_heads, context if positions is None else positions.shape[1], model.head_dim)
+        shapes[f"layers.{i}.keys"] = shapes[f"layers.{i}.values"] = shape
     if manifest.paused_layer is not None:
         shapes["paused.hidden"] = (context, model.hidden_size)
     if "paused.queries" in tensors:
@@ -101,23 +114,35 @@ def layers_from_tensors(tensors: dict[str, Tensor], manifest: Manifest, dtype: t
     layers = []
     for i in stored_layers(manifest):
         keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
-        n = keys.shape[1] if keys.dim() == 3 else -1
-        expected = (model.num_kv_heads, n, model.head_dim)
         # every size is checked against the stored tensors before anything is built from the manifest's counts,
         # which may be any integer
         if caches_every_token(manifest.paused_layer, i):
+            n = keys.shape[1] if keys.dim() == 3 else -1
             positions, shaped = None, n == manifest.context_tokens
         else:
             positions = tensors[f"layers.{i}.positions"]
-            shaped = tuple(positions.shape) == expected[:2]
+            n = positions.shape[1] if positions.dim() == 2 else -1
+            shaped = tuple(positions.shape) == (model.num_kv_heads, n)
+        kept = stored_slots(positions) if shaped and positions is not None else None
+        expected = (model.num_kv_heads, n, model.head_dim) if kept is None else (int(kept.sum()), model.head_dim)
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or not shaped:
             raise CacheFileError(f"layer {i} has tensors of the wrong shape")
         if positions is None:
             positions = torch.arange(n, dtype=torch.int32).repeat(model.num_kv_heads, 1)
         if positions.dtype != torch.int32 or keys.dtype != dtype or values.dtype != dtype:
             raise CacheFileError(f"layer {i} has tensors of the wrong dtype")
+        if kept is not None:
+            keys, values = (unstored(x, kept, model.head_dim) for x in (keys, values))
         layers.append(checked_layer(i, keys, values, positions, manifest.context_tokens))
     return layers
+
+
+def unstored(x: Tensor, kept: Tensor, head_dim: int) -> Tensor:
+    """A layer's [kv_heads, n, head_dim] keys or values from the [slots, head_dim] a file stores: zero at empty
+    slots."""
+    whole = x.new_zeros(*kept.shape, head_dim)
+    whole[kept] = x
+    return whole
 
 
 def checked_layer(i: int, keys: Tensor, values: Tensor, positions: Tensor, context_tokens: int) -> LayerKV:

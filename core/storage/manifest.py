@@ -9,7 +9,7 @@ from core.methods import Method, make_method
 from core.storage.fields import NONE, Fields
 from core.storage.scheme import STORAGE_DTYPES, Quantization, parse_quantization
 
-FORMAT_VERSION = 12
+FORMAT_VERSION = 13
 REBUILD = "rebuild it with `fastkv cache build`"
 POLICY_COUNTS = ("budget_tokens", "propagated_tokens", "tsp_layer")
 QUERY_AWARE, TWO_STAGE, QUESTION_BLIND = "query-aware", "two-stage", "question-blind"  # the kinds of saved cache

@@ -340,6 +340,18 @@ def empty_slots(positions):
     return positions
 
 
+def stored_without(edit):
+    """Layer 0's positions edited by `edit`, and its keys and values only at the slots that are then not empty, as
+    a file stores a layer with empty slots."""
+
+    def edited(tensors):
+        positions = tensors["layers.0.positions"] = edit(tensors["layers.0.positions"])
+        for part in ("keys", "values"):
+            tensors[f"layers.0.{part}"] = tensors[f"layers.0.{part}"][positions != EMPTY].contiguous()
+
+    return edited
+
+
 TENSOR_CASES = {
     "dropped-layer": (drop_layer, "do not match the model's 4 layers"),
     "extra-tensor": (
@@ -375,7 +387,7 @@ TENSOR_CASES = {
     ),
     "negative-position": (update("layers.0.positions", negative), "layer 0 has positions outside the context"),
     "empty-slot-after-a-token": (
-        update("layers.0.positions", empty_after_a_token),
+        stored_without(empty_after_a_token),
         "layer 0 has empty slots after its tokens",
     ),
 }
@@ -741,9 +753,59 @@ def test_gemfilter_is_refused_by_build(engine, document):
         BuildPlan(make_method("gemfilter"))
 
 
+def without_the_empty_slots(tensors):
+    """Layer 0 as a head-adaptive cache stores it: its first head's first two slots empty, its keys and values
+    only the other slots'."""
+    stored_without(empty_slots)(tensors)
+
+
 def test_empty_slots_starting_a_row_load_as_a_padded_layer(cache_file, tmp_path):
-    """Head-adaptive caches' rows may start with empty slots (position -1)."""
-    padded = rewrite_tensors(cache_file, tmp_path / "padded.fkv", update("layers.0.positions", empty_slots))
+    """Head-adaptive caches' rows may start with empty slots (position -1), which the file does not store."""
+    original = load_cache(cache_file)[0].layers[0]
+    padded = rewrite_tensors(cache_file, tmp_path / "padded.fkv", without_the_empty_slots)
 
     layer = load_cache(padded)[0].layers[0]
     assert layer.padded and layer.kept < layer.length
+    assert not layer.keys[0, :2].any() and not layer.values[0, :2].any()  # zeros where nothing is stored
+    assert torch.equal(layer.keys[0, 2:], original.keys[0, 2:]) and torch.equal(layer.values[1], original.values[1])
+
+
+def one_slot_more(tensors):
+    without_the_empty_slots(tensors)
+    keys = tensors["layers.0.keys"]
+    tensors["layers.0.keys"] = torch.cat([keys, keys[:1]])
+
+
+@pytest.mark.parametrize(
+    "edit", [update("layers.0.positions", empty_slots), one_slot_more], ids=["padding-stored", "one-slot-more"]
+)
+def test_a_layer_whose_keys_do_not_fill_its_kept_slots_is_refused(cache_file, tmp_path, edit):
+    path = rewrite_tensors(cache_file, tmp_path / "ragged.fkv", edit)
+
+    assert "layer 0 has tensors of the wrong shape" in refusal(load_cache, path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int6"])
+def test_a_cache_whose_heads_keep_different_counts_stores_only_their_tokens(engine, document, tmp_path, dtype):
+    """kvzip's global budget gives the heads of a layer very different counts: the file holds each kept pair once
+    and no padding, and loads the same cache (float32 to the bit; int6 within its rounding, zeros where empty)."""
+    saved = engine.build([document], BuildPlan(make_method("kvzip", budget="40%", head_budget="global")))
+    padded = [i for i, layer in enumerate(saved.cache.layers) if not bool(layer.valid.all())]
+    assert padded  # the heads' counts differ somewhere, or this test shows nothing
+    path = tmp_path / "c.fkv"
+
+    save_cache(path, saved.cache, saved.manifest, dtype)
+    cache = load_cache(path, "cpu", torch.float32)[0]
+
+    per_token = "values" if dtype == "float32" else "values.scale"  # int6 values: one scale per token and group
+    with safe_open(str(path), framework="pt") as f:
+        for i in padded:
+            assert f.get_slice(f"layers.{i}.{per_token}").get_shape()[0] == int(saved.cache.layers[i].valid.sum())
+    for loaded, built in zip(cache.layers, saved.cache.layers, strict=True):
+        assert torch.equal(loaded.positions, built.positions)
+        for x, y in ((loaded.keys, built.keys.float()), (loaded.values, built.values.float())):
+            if dtype == "float32":
+                assert_bit_equal(x, y)
+            else:  # half a step of 63 over a range of at most twice the largest magnitude
+                assert not x[built.positions == EMPTY].any()
+                assert float((x - y).abs().max()) <= float(y.abs().max()) / 60
