@@ -17,7 +17,9 @@ FRESH = Path(__file__).with_name("docqa-fresh.jsonl")
 
 
 def questions(data: Path = DATA) -> list[dict]:
-    """The data file's rows: {"document": path from the repository root, "question", "answers": [spans]}."""
+    """The data file's rows: {"document": path from the repository root, "question", "answers": [spans], "where"}.
+    `where` is the place an answer is stated (tasks.locations.stated_at): {"lines": [first, last]}, 1-based and
+    inclusive, of a text file, or {"page": N}, 1-based, of a PDF."""
     return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

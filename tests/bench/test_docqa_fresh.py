@@ -3,15 +3,12 @@ fastkv reads it, stated where the row says (a PDF page, a range of lines), and n
 
 import hashlib
 import json
-import re
 from collections import Counter
-from functools import cache
 from pathlib import Path
 
 import pytest
+from tasks.locations import document, squash, stated_at, whole_words
 from tasks.scoring import normalise
-
-from core.documents import Document, read_document
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "bench" / "tasks" / "docqa-fresh.jsonl"
@@ -22,35 +19,6 @@ MAX_PDF_BYTES = 300 * 1024
 
 def rows(path: Path = DATA) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def squash(text: str) -> str:
-    """Line breaks and runs of spaces as one space: an answer may wrap across lines in the text."""
-    return " ".join(text.split())
-
-
-def whole_words(span: str, text: str) -> bool:
-    """`span` occurs in `text` not as part of a longer word or number ("elm" not in "helm", "1.1" not in "1.17")."""
-    return re.search(rf"(?<!\w){re.escape(squash(span))}(?!\w)", squash(text)) is not None
-
-
-@cache
-def document(path: str) -> Document:
-    return read_document(str(ROOT / path))
-
-
-def stated_at(row: dict) -> str:
-    """The part of the document the row's `where` names: a PDF page, or lines [first, last] of a text file."""
-    where = row["where"]
-    if "page" in where:
-        doc = document(row["document"])
-        assert 1 <= where["page"] <= doc.pages, row
-        start, end = doc.page_spans[where["page"] - 1]
-        return doc.text[start:end]
-    first, last = where["lines"]
-    lines = (ROOT / row["document"]).read_text(encoding="utf-8").splitlines()
-    assert 1 <= first <= last <= len(lines), row
-    return "\n".join(lines[first - 1 : last])
 
 
 ROWS = rows()
@@ -65,7 +33,7 @@ def test_the_set_has_70_questions_over_9_documents_3_of_them_pdfs():
     assert sum(path.endswith(".pdf") for path in per_document) >= 3
 
 
-def test_every_row_has_the_fields_of_docqa_plus_where():
+def test_every_row_has_the_fields_of_docqa():
     for row in ROWS:
         assert set(row) == {"document", "question", "answers", "where"}, row
         assert row["question"].strip() and row["answers"], row
