@@ -7,6 +7,7 @@ python bench/cache.py [--tokens N ...] [--repeats 3] [--budget B] [--stored S] [
 Kinds, each at `ask`'s default budget (fastkv's own, 30%,2048) unless --budget says otherwise:
 - fullkv: every token, answers use them all (the yardstick of file sizes);
 - kvzip: `cache build`'s default, reconstruction-scored once for every question at kvzip's own budget;
+- kvzip + TSP: the same, its scores also choosing the 50% of the tokens the deeper layers run on (`--tsp-rate 50%`);
 - question-blind: fastkv at the budget, built without the question (`cache build --question-blind`);
 - two-stage: fastkv at --stored (default: 3× the budget, capped at 100%, as bench/accuracy.py builds it),
   each query re-selects down to the budget with its own question (`cache build --query-budget`);
@@ -53,6 +54,7 @@ REPREFILL = "fullkv re-prefill"
 ASK = "ask (defaults)"
 # the default's targets: the file ≤ 30% of the float16 fullkv file; query TTFT ≥ 50× faster than a fullkv re-prefill
 # (≥ 20× at 2K tokens and less) and faster than `ask`
+KVZIP_TSP_RATE = "50%"  # as bench/frontier.py measured its answers
 TARGETS = {"size_share": 0.30, "speedup": 50.0, "short_speedup": 20.0, "short_tokens": 2048}
 
 
@@ -65,16 +67,22 @@ class Kind:
     budget: Budget | None = None  # what the build keeps (None: the method's own)
     query_budget: Budget | None = None  # what each query re-selects to (two-stage, every token)
     query_aware: bool = False
+    tsp_rate: str | None = None  # kvzip + TSP: what its scores propagate past the TSP layer
 
     def build_key(self) -> tuple:
         """Builds that differ only in the query budget they record run the same prefill."""
-        return self.method, self.budget, self.query_aware
+        return self.method, self.budget, self.query_aware, self.tsp_rate
+
+    def make(self):
+        """The method `cache build` runs for this kind."""
+        return make_method(self.method, budget=self.budget, **({"tsp_rate": self.tsp_rate} if self.tsp_rate else {}))
 
 
 def kinds(budget: Budget, stored: Budget) -> list[Kind]:
     return [
         Kind("fullkv", "fullkv"),
         Kind("kvzip", BUILD_METHOD),
+        Kind("kvzip + TSP", BUILD_METHOD, tsp_rate=KVZIP_TSP_RATE),
         Kind("question-blind", DEFAULT_METHOD, budget),
         Kind("two-stage", DEFAULT_METHOD, stored, query_budget=budget),
         Kind("query-aware", DEFAULT_METHOD, budget, query_aware=True),
@@ -100,9 +108,8 @@ def build_all(
     files: dict[str, dict[str, Path]] = {}
     for kind in made:
         if kind.build_key() not in builds:
-            method = make_method(kind.method, budget=kind.budget)
             builds[kind.build_key()] = engine.build(
-                read_documents([str(document)]), BuildPlan(method, query_aware=kind.query_aware)
+                read_documents([str(document)]), BuildPlan(kind.make(), query_aware=kind.query_aware)
             )
         saved = builds[kind.build_key()]
         query_budget = None if kind.query_budget is None else str(kind.query_budget)
@@ -233,7 +240,8 @@ def length_table(
                            f"{row.copy_s:.3f} / {cell(row.dequantize_s, 3)}"])  # fmt: skip
         table.rows[-1] += [cell(row.fresh_s, 2)] if fresh else []
     table.caption = (
-        f"fullkv: every token; kvzip: reconstruction-scored at kvzip's own budget; question-blind: fastkv {budget} "
+        f"fullkv: every token; kvzip: reconstruction-scored at kvzip's own budget (+ TSP: propagating "
+        f"{KVZIP_TSP_RATE}); question-blind: fastkv {budget} "
         f"without the question; two-stage: fastkv {stored}, "
         f"each query re-selects to {budget}; query-aware: paused at the TSP layer, each query resumes it as ask; "
         f"every token: fullkv's cache, each query re-selects to {budget} with its question. "

@@ -1,7 +1,7 @@
 """The saved-cache frontier: each kind of cache `cache build` writes, at each budget and storage, against the
 answers it keeps on document QA, asked as `cache query` asks them.
 
-python bench/frontier.py [--set tuning|held-out] [--budgets 20% 30% 50%] [--head-budgets uniform global]
+python bench/frontier.py [--set tuning|held-out] [--budgets 20% 30% 50% 60% 70%] [--head-budgets uniform global]
     [--storages int6] [--tsp-rate 50%] [--query-aware]
     [--limit N] [--documents N] [--model M] [--tag T] [--no-write] [--resume | --from-raw]
 
@@ -50,6 +50,8 @@ SETS = ("tuning", "held-out")
 DECODING = Decoding(max_new_tokens=24)  # the answers are short spans
 SAME_AS_FULLKV = 0.85  # the default's rule: the same answer as fullkv on at least this share of the questions
 LOST_PER_25 = 1.0  # and at most this many of fullkv's right answers lost per 25 questions
+BUDGETS = ["20%", "30%", "50%", "60%", "70%"]
+HEAD_BUDGET_KINDS = ["uniform", "global"]
 
 
 @dataclass(frozen=True)
@@ -218,8 +220,8 @@ def plot(found: list[Row], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", choices=SETS, default="tuning")
-    parser.add_argument("--budgets", nargs="+", default=["20%", "30%", "50%"])
-    parser.add_argument("--head-budgets", nargs="+", choices=HEAD_BUDGETS, default=["uniform", "global"])
+    parser.add_argument("--budgets", nargs="+", default=BUDGETS)
+    parser.add_argument("--head-budgets", nargs="+", choices=HEAD_BUDGETS, default=HEAD_BUDGET_KINDS)
     parser.add_argument("--storages", nargs="+", default=["int6"], help="kvzip's storages")
     parser.add_argument("--tsp-rate", default="50%", help="what kvzip + TSP propagates ('none': no TSP variants)")
     parser.add_argument("--query-aware", action="store_true")
@@ -269,7 +271,7 @@ def main() -> None:
     body = "\n".join([result.markdown(), "", rule, "", f"![frontier]({link(report.plot)})"])
     device = engine.loaded.device if engine else torch.device("cpu")
     reduced = reduced_run(
-        budgets=(args.budgets, ["20%", "30%", "50%"]), head_budgets=(args.head_budgets, ["uniform", "global"]),
+        budgets=(args.budgets, BUDGETS), head_budgets=(args.head_budgets, HEAD_BUDGET_KINDS),
         limit=(args.limit, None), documents=(args.documents, None),
     )  # fmt: skip
     write_section(report.section, report.heading, body, device, reduced, raw=[asdict(r) for r in found])

@@ -57,7 +57,7 @@ def test_the_default_saved_cache_answers_what_the_document_states(tmp_path):
     assert build.returncode == 0, build.stderr
     summary = json.loads(build.stdout)
     assert summary["kind"] == "question-blind" and summary["cache_dtype"] == "int6" and summary["method"] == "kvzip"
-    assert summary["file_share_of_fullkv_float16"] <= 0.35  # 31.8% here, at 3K tokens
+    assert summary["file_share_of_fullkv_float16"] <= 0.30  # 25.2% here, at 3K tokens
 
     query = subprocess.run(
         [*fastkv_command(), "cache", "query", str(path), QUESTION, "--json", "--max-new-tokens", "24"],
