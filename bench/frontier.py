@@ -204,15 +204,27 @@ def verdict(found: list[Row]) -> str:
 
 
 def plot(found: list[Row], path: Path, title: str) -> None:
+    """One line per kind, head budget and storage through its budgets, each point labelled with its budget."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
+    series: dict[str, list[Row]] = {}
     for row in found:
-        axes.scatter(100 * row.file_share, 100 * row.same / row.questions, s=30)
-        axes.annotate(row.variant.label, (100 * row.file_share, 100 * row.same / row.questions), fontsize=6)
+        variant = row.variant
+        name = " · ".join(p for p in (variant.kind, variant.head_budget, variant.storage) if p)
+        series.setdefault(name, []).append(row)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda row: row.file_share)
+        x = [100 * row.file_share for row in rows]
+        y = [100 * row.same / row.questions for row in rows]
+        axes.plot(x, y, marker="o", markersize=4, linewidth=1, label=name)
+        for row, xy in zip(rows, zip(x, y, strict=True), strict=True):
+            if row.variant.budget and len(rows) > 1:
+                axes.annotate(row.variant.budget, xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
     axes.axhline(100 * SAME_AS_FULLKV, color="grey", linestyle="--", linewidth=0.8)
     axes.set_xlabel("file, % of the float16 fullkv file")
     axes.set_ylabel("same answer as fullkv, % of questions")
     axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=150)
 
