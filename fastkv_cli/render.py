@@ -163,8 +163,9 @@ def query_selection(manifest: dict) -> str:
     return "none: answers use every stored token"
 
 
-def policy_line(manifest: dict) -> str:
-    """The method's settings in tokens for this context, as the build resolved them (the load checked the counts)."""
+def policy_line(manifest: dict, reconstruction_scored: bool) -> str:
+    """The method's settings in tokens for this context, as the build resolved them (the load checked the counts);
+    `reconstruction_scored`: kvzip's, which scores by the model repeating the context and always keeps its window."""
     policy = manifest["policy"] or {}
     parts = []
     if "budget_tokens" in policy:
@@ -173,7 +174,12 @@ def policy_line(manifest: dict) -> str:
         parts.append(f"{policy['propagated_tokens']:,} propagated after layer {policy.get('tsp_layer', '?')}")
     if "window" in policy:
         window = policy["window"]
-        parts.append("scored by each question's tokens" if window is None else f"scored by the last {window} tokens")
+        if reconstruction_scored:
+            parts.append(f"scored by the model repeating the context · the last {window} tokens always kept")
+        elif window is None:
+            parts.append("scored by each question's tokens")
+        else:
+            parts.append(f"scored by the last {window} tokens")
     return " · ".join(parts) or "—"
 
 
@@ -207,7 +213,7 @@ def cache_info_view(info: dict) -> Group:
             f"{model['name']} ({model['model_type']}, {model['num_layers']} layers, {model['num_kv_heads']} KV heads)",
         ),
         ("method", f"{method['name']} ({parameters})"),
-        ("policy", policy_line(manifest)),
+        ("policy", policy_line(manifest, info["reconstruction_scored"])),
         ("query selection", query_selection(manifest)),
         ("steering questions", str(manifest["steering_questions"])),
         (

@@ -109,6 +109,9 @@ def test_the_default_build_is_kvzip_selected_once_and_stored_in_int6(tmp_path, d
     assert json.loads(result.stdout)["kind"] == "question-blind" and manifest.paused_layer is None
     assert manifest.method.name == "kvzip" and manifest.method.parameters == make_method("kvzip", window=8).parameters()
     assert manifest.storage.dtype == "int6"
+    shown = " ".join(fastkv("cache", "info", path).stdout.split())
+    assert "scored by the model repeating the context · the last 8 tokens always kept" in shown
+    assert json_lines(fastkv("cache", "info", path, "--json"))[0]["reconstruction_scored"] is True
 
 
 def test_build_again_needs_force(tmp_path, documents, model):
@@ -358,6 +361,7 @@ def test_info_says_how_each_query_selects(built, documents, model, tmp_path):
     [info] = json_lines(fastkv("cache", "info", query_aware, "--json"))
 
     assert "none: answers use every stored token" in shown[built[0]]
+    assert "scored by the last 8 tokens" in " ".join(shown[built[0]].split())  # fastkv, question-blind
     assert "two-stage: each question re-selects the stored tokens down to 10%" in shown[two_stage]
     assert "query-aware: paused after layer 1; each question resumes the prefill as `ask` at budget 20%" in (
         " ".join(shown[query_aware].split())
