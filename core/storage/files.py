@@ -112,7 +112,7 @@ def describe_cache(path: Path) -> dict:
         "file": str(path),
         "file_bytes": path.stat().st_size,
         "manifest": manifest.to_dict(),
-        "reconstruction_scored": manifest.method.make().reconstructs,  # else scored by its window's queries
+        "reconstruction_scored": manifest.method.reconstructs,  # else scored by its window's queries
         "kept_tokens_per_layer": cache.kept_tokens_per_layer,
         "paused_bytes": 0 if cache.paused is None else cache.paused.nbytes,
         "page_coverage": [page_coverage(cache, document.page_token_spans) for document in manifest.documents],

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
 from core.errors import CacheFileError, FastKVError
-from core.methods import Method, make_method
+from core.methods import METHODS, Method, make_method
 from core.storage.fields import NONE, Fields
 from core.storage.scheme import STORAGE_DTYPES, Quantization, parse_quantization
 
@@ -51,6 +51,13 @@ class MethodRecord:
 
     def make(self) -> Method:
         return make_method(self.name, **self.parameters)
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the method scores by the model repeating the context (kvzip): known from its name alone, so that
+        describing a file never depends on parameters only a query checks."""
+        method = METHODS.get(self.name)
+        return method is not None and method.reconstructs
 
 
 @dataclass(frozen=True)
