@@ -314,7 +314,11 @@ def main(argv: list[str] | None = None) -> None:
         print(*lines, sep="\n", flush=True)
         done += [table.markdown(), *[f"- {line}" for line in lines], ""]
         if not args.no_write:
-            reduced = reduced_run(tokens=(lengths, full_run), repeats=(args.repeats, DEFAULT_REPEATS))
+            every_kind = [kind.name for kind in kinds(budget, stored)]
+            reduced = reduced_run(
+                tokens=(lengths, full_run), repeats=(args.repeats, DEFAULT_REPEATS),
+                kinds=([kind.name for kind in made], every_kind),
+            )  # fmt: skip
             finished = lengths[: lengths.index(tokens) + 1]
             if finished != lengths:  # a run stopped here still says which lengths it reached
                 unfinished = (
