@@ -26,7 +26,6 @@ from core.engine import Engine
 from core.kvcache import EMPTY, KVCache
 from core.methods import BUILD_METHOD, make_method
 from core.options import BuildPlan
-from core.runner import apply_rope
 from core.saved import fullkv_file_bytes
 from core.storage import coded, save_cache
 from core.storage.codecs import CODED_PARTS
@@ -51,8 +50,7 @@ class Estimate:
     def add(self, codes: Tensor) -> None:
         """Codes [tokens, channels] (int64), the way coded.encode counts them."""
         offsets = codes - codes.median(0).values
-        spread = (offsets.abs().clamp(max=coded.SPAN).float().mean(0) + 1).log2().mul(coded.SPREADS).round().long()
-        symbols = coded.symbols_of(offsets) + spread * coded.ALPHABET
+        symbols = coded.symbols_of(offsets) + coded.spread_classes(offsets) * coded.ALPHABET
         self.counts += torch.bincount(symbols.view(-1), minlength=self.counts.numel()).view(self.counts.shape)
         self.channels += codes.shape[1]
         self.escapes += int((offsets.abs() > coded.SPAN).sum())
@@ -64,12 +62,6 @@ class Estimate:
         symbols = -(used * torch.where(used > 0, p.log2(), 0)).sum() / 8
         tables = len(used) * coded.ALPHABET * 2
         return float(symbols) + tables + self.channels * 5 + self.escapes * 16  # medians int32, classes uint8
-
-
-def unrotated(runner, keys: Tensor, positions: Tensor) -> Tensor:
-    """One KV head's keys [n, head_dim] turned back from RoPE at their positions [n]."""
-    cos, sin = runner.rope(keys, positions)
-    return apply_rope(keys[None], cos, -sin)[0]
 
 
 def step(x: Tensor, name: str, scheme) -> float:
@@ -86,7 +78,7 @@ def estimate(runner, cache: KVCache, scheme) -> Estimate:
             size = step(stored, f"layers.{i}.{part}", scheme)
             for head in range(x.shape[0]):
                 rows, positions = x[head][kept[head]], layer.positions[head][kept[head]]
-                rows = unrotated(runner, rows, positions) if part == "keys" else rows
+                rows = runner.rotate_keys(rows[None], True, positions)[0] if part == "keys" else rows
                 found.add(coded.rounded(rows, size))
     return found
 

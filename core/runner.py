@@ -102,11 +102,12 @@ class Runner:
             k = attn.k_norm(k)
         return apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1)
 
-    def rotate_keys(self, keys: Tensor, inverse: bool = False) -> Tensor:
-        """Keys [kv_heads, n, head_dim] turned by RoPE at positions 0..n-1, or turned back (`inverse`): a coded
-        file stores a paused prefill's keys before RoPE, where a channel's values do not spin
+    def rotate_keys(self, keys: Tensor, inverse: bool = False, positions: Tensor | None = None) -> Tensor:
+        """Keys [kv_heads, n, head_dim] turned by RoPE at `positions` [n] (default 0..n-1), or turned back
+        (`inverse`): a coded file stores a paused prefill's keys before RoPE, where a channel's values do not spin
         (core/storage/coded.py)."""
-        cos, sin = self.rope(keys[0], torch.arange(keys.shape[1], device=keys.device))
+        positions = torch.arange(keys.shape[1], device=keys.device) if positions is None else positions
+        cos, sin = self.rope(keys[0], positions)
         return apply_rope(keys, cos, -sin if inverse else sin)
 
     @torch.inference_mode()

@@ -103,7 +103,7 @@ def encode(columns: Callable[[int, int], Tensor], channels: int, tokens: int, la
         codes = columns(start, stop)
         centers[start:stop] = codes.median(0).values
         offsets = codes - centers[start:stop]
-        spread = (offsets.abs().clamp(max=SPAN).float().mean(0) + 1).log2().mul(SPREADS).round().long()
+        spread = spread_classes(offsets)
         spreads[start:stop] = spread
         counts += torch.bincount((symbols_of(offsets) + spread * ALPHABET).view(-1), minlength=counts.numel()).view(
             counts.shape
@@ -135,6 +135,12 @@ def chunks(first: int, last: int, tokens: int) -> list[tuple[int, int]]:
     """Channel ranges of about CHUNK codes inside [first, last): what an encoder rounds and counts at a time."""
     per_chunk = max(1, CHUNK // tokens)
     return [(start, min(start + per_chunk, last)) for start in range(first, last, per_chunk)]
+
+
+def spread_classes(offsets: Tensor) -> Tensor:
+    """Each channel's table class from its offsets [tokens, channels]: SPREADS classes per doubling of the mean
+    absolute offset."""
+    return (offsets.abs().clamp(max=SPAN).float().mean(0) + 1).log2().mul(SPREADS).round().long()
 
 
 def symbols_of(offsets: Tensor) -> Tensor:

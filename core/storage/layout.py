@@ -132,15 +132,15 @@ def layers_from_tensors(tensors: dict[str, Tensor], manifest: Manifest, dtype: t
         if positions.dtype != torch.int32 or keys.dtype != dtype or values.dtype != dtype:
             raise CacheFileError(f"layer {i} has tensors of the wrong dtype")
         if kept is not None:
-            keys, values = (unstored(x, kept, model.head_dim) for x in (keys, values))
+            keys, values = unstored(keys, kept), unstored(values, kept)
         layers.append(checked_layer(i, keys, values, positions, manifest.context_tokens))
     return layers
 
 
-def unstored(x: Tensor, kept: Tensor, head_dim: int) -> Tensor:
+def unstored(x: Tensor, kept: Tensor) -> Tensor:
     """A layer's [kv_heads, n, head_dim] keys or values from the [slots, head_dim] a file stores: zero at empty
     slots."""
-    whole = x.new_zeros(*kept.shape, head_dim)
+    whole = x.new_zeros(*kept.shape, x.shape[-1])
     whole[kept] = x
     return whole
 
